@@ -1,0 +1,749 @@
+"""DINO-SAE models: the DINOv3 ViT backbone (§1 of SPEC.md), the hierarchical conv stem and spherical encoder
+(paper §3.1–3.2), the DC-AE decoder (§3.3), the DINO discriminator (§3.3, adversarial stage) and the diffusion
+transformers LightningDiT / DiT^DH that generate on the sphere (§3.4).
+
+Everything is plain PyTorch. Parameter and buffer names follow the official checkpoints (DINOv3 `.pth`, DC-AE decoder)
+so released weights load strictly.
+"""
+import json
+import math
+import os
+import struct
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def check_images(x, multiple=16):
+    """Images are [B, 3, H, W] with sides a multiple of the patch size: we never crop silently."""
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected images of shape [B, 3, H, W], got {list(x.shape)}")
+    if x.shape[2] % multiple or x.shape[3] % multiple:
+        raise ValueError(f"image sides must be multiples of {multiple}, got {x.shape[2]}x{x.shape[3]}")
+
+
+def imagenet_normalize(x):
+    """[-1, 1] pixels -> the ImageNet-normalised input DINOv3 was trained on (SPEC §1.3.1)."""
+    mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((x + 1) / 2 - mean) / std
+
+
+#################################################################################
+#                         DINOv3 Vision Transformer (SPEC §1)                   #
+#################################################################################
+
+VIT_ARCHS = {  # name: (width D, depth, heads); head dim 64, 4 storage tokens, patch 16
+    "vits16": (384, 12, 6),
+    "vitb16": (768, 12, 12),
+    "vitl16": (1024, 24, 16),
+}
+DINOV3_FILES = {
+    "vits16": "dinov3_vits16_pretrain_lvd1689m-08c60483.pth",
+    "vitb16": "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth",
+    "vitl16": "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth",
+}
+DINOV3_SOURCE = ("request the official weights at https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/ "
+                 "(see github.com/facebookresearch/dinov3) or download model.safetensors from "
+                 "huggingface.co/facebook/dinov3-{arch}-pretrain-lvd1689m")
+
+
+def rope_periods(head_dim, base=100.0):
+    """periods[j] = base^(j / (head_dim/4)), rounded to bf16 as in the released checkpoints (SPEC §1.3.4)."""
+    n = head_dim // 4
+    periods = base ** (2 * torch.arange(n, dtype=torch.float32) / (head_dim // 2))
+    return periods.to(torch.bfloat16).float()
+
+
+class RopePositionEmbedding(nn.Module):
+    """Axial RoPE on normalised patch coordinates: [16 y-angles, 16 x-angles] tiled twice (SPEC §1.3.4)."""
+
+    def __init__(self, head_dim):
+        super().__init__()
+        self.register_buffer("periods", rope_periods(head_dim))
+
+    def forward(self, h, w):
+        device = self.periods.device
+        ys = 2 * (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h - 1
+        xs = 2 * (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w - 1
+        coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).flatten(0, 1)  # [hw, 2], row-major
+        angles = (2 * math.pi * coords[:, :, None]) / self.periods.float()  # divide: bit-faithful to the original
+        angles = angles.flatten(1).tile(2)  # [hw, head_dim]
+        return angles.sin(), angles.cos()
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x, sin, cos):
+    return x * cos + rotate_half(x) * sin
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim, init=1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class MaskedBiasLinear(nn.Linear):
+    """qkv projection whose k bias is zeroed by a stored mask (DINOv3 trains without a key bias)."""
+
+    def __init__(self, dim, out_dim):
+        super().__init__(dim, out_dim)
+        mask = torch.ones(out_dim)
+        mask[out_dim // 3: 2 * out_dim // 3] = 0
+        self.register_buffer("bias_mask", mask)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias * self.bias_mask)
+
+
+class ViTAttention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = MaskedBiasLinear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rope, num_prefix):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        sin, cos = rope
+        # RoPE rotates patch tokens only; cls and storage tokens have no position.
+        q = torch.cat([q[:, :, :num_prefix], apply_rope(q[:, :, num_prefix:], sin, cos).to(q.dtype)], dim=2)
+        k = torch.cat([k[:, :, :num_prefix], apply_rope(k[:, :, num_prefix:], sin, cos).to(k.dtype)], dim=2)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class ViTMlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn = ViTAttention(dim, num_heads)
+        self.ls1 = LayerScale(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.mlp = ViTMlp(dim, 4 * dim)
+        self.ls2 = LayerScale(dim)
+
+    def forward(self, x, rope, num_prefix):
+        x = x + self.ls1(self.attn(self.norm1(x), rope, num_prefix))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, dim, patch_size=16):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x)  # [B, D, h, w]
+
+
+class DinoVisionTransformer(nn.Module):
+    """DINOv3 ViT with the official parameter names. Frozen and always in eval mode in this project."""
+
+    def __init__(self, embed_dim=1024, depth=24, num_heads=16, n_storage_tokens=4, patch_size=16):
+        super().__init__()
+        self.embed_dim, self.num_heads, self.patch_size = embed_dim, num_heads, patch_size
+        self.n_storage_tokens = n_storage_tokens
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.storage_tokens = nn.Parameter(torch.zeros(1, n_storage_tokens, embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        self.patch_embed = PatchEmbed(embed_dim, patch_size)
+        self.rope_embed = RopePositionEmbedding(embed_dim // num_heads)
+        self.blocks = nn.ModuleList([ViTBlock(embed_dim, num_heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-5)
+        self.init_weights()
+
+    def init_weights(self):
+        for p in (self.cls_token, self.storage_tokens):
+            nn.init.normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def train(self, mode=True):
+        return super().train(False)
+
+    def tokens(self, patches):
+        """[cls + 0·mask, storage, patches] from patch features [B, D, h, w] flattened row-major (SPEC §1.3.3)."""
+        B = patches.shape[0]
+        cls = (self.cls_token + 0 * self.mask_token).expand(B, -1, -1)
+        return torch.cat([cls, self.storage_tokens.expand(B, -1, -1), patches.flatten(2).transpose(1, 2)], dim=1)
+
+    def run_blocks(self, patches, taps=()):
+        """Transformer on patch features; returns the pre-norm sequence and the outputs of the blocks in `taps`."""
+        h, w = patches.shape[-2:]
+        x = self.tokens(patches)
+        rope = self.rope_embed(h, w)
+        outputs = {}
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, 1 + self.n_storage_tokens)
+            if i in taps:
+                outputs[i] = x
+        return x, outputs
+
+    def features_from_patches(self, patches):
+        x, _ = self.run_blocks(patches)
+        x_norm = self.norm(x)
+        n = 1 + self.n_storage_tokens
+        return {"x_norm_clstoken": x_norm[:, 0], "x_storage_tokens": x_norm[:, 1:n],
+                "x_norm_patchtokens": x_norm[:, n:], "x_prenorm": x}
+
+    def forward_features(self, x):
+        """x: ImageNet-normalised [B, 3, H, W] with sides multiple of 16 -> the official output dict."""
+        check_images(x, self.patch_size)
+        return self.features_from_patches(self.patch_embed(x))
+
+    def get_intermediate_layers(self, x, n=1, norm=True, reshape=False):
+        """Patch tokens of the last `n` blocks (int) or of the blocks indexed by `n` (sequence)."""
+        check_images(x, self.patch_size)
+        taps = range(len(self.blocks) - n, len(self.blocks)) if isinstance(n, int) else n
+        _, outputs = self.run_blocks(self.patch_embed(x), set(taps))
+        start = 1 + self.n_storage_tokens
+        outs = [self.norm(outputs[i]) if norm else outputs[i] for i in taps]
+        outs = [o[:, start:] for o in outs]
+        if reshape:
+            h, w = x.shape[2] // self.patch_size, x.shape[3] // self.patch_size
+            outs = [o.transpose(1, 2).reshape(o.shape[0], -1, h, w) for o in outs]
+        return tuple(outs)
+
+    def forward(self, x):
+        return self.forward_features(x)["x_norm_clstoken"]
+
+
+def dinov3_vit(arch="vitl16"):
+    """A randomly initialised DINOv3 ViT of an official size."""
+    if arch not in VIT_ARCHS:
+        raise ValueError(f"unknown DINOv3 arch {arch!r}; choose from {sorted(VIT_ARCHS)}")
+    dim, depth, heads = VIT_ARCHS[arch]
+    return DinoVisionTransformer(dim, depth, heads)
+
+
+# ---- checkpoint loading: official .pth and Hugging Face layouts ----
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """Minimal safetensors reader: 8-byte little-endian header length, JSON header, raw little-endian tensors."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+        data = bytearray(f.read())
+    state = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        t = torch.frombuffer(data[start:end], dtype=dtype) if end > start else torch.empty(0, dtype=dtype)
+        state[name] = t.reshape(info["shape"]).clone()
+    return state
+
+
+def write_safetensors(state, path):
+    """Inverse of read_safetensors (used to export and by the tests to build Hugging Face files)."""
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, blobs, offset = {}, [], 0
+    for name, t in state.items():
+        t = t.detach().contiguous().cpu()
+        blob = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
+
+
+def hf_to_official(state):
+    """Rename a Hugging Face DINOv3ViTModel state dict to the official layout; add the k-bias, mask and periods."""
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    top = {"embeddings.cls_token": "cls_token", "embeddings.register_tokens": "storage_tokens",
+           "embeddings.patch_embeddings.weight": "patch_embed.proj.weight",
+           "embeddings.patch_embeddings.bias": "patch_embed.proj.bias",
+           "norm.weight": "norm.weight", "norm.bias": "norm.bias"}
+    per_layer = {"norm1": "norm1", "norm2": "norm2", "attention.o_proj": "attn.proj", "mlp.up_proj": "mlp.fc1",
+                 "mlp.down_proj": "mlp.fc2", "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma"}
+    out, qkv = {}, {}
+    for key, value in state.items():
+        if key in top:
+            out[top[key]] = value
+        elif key == "embeddings.mask_token":
+            out["mask_token"] = value.reshape(1, -1)
+        elif key.startswith("layer."):
+            _, i, rest = key.split(".", 2)
+            if rest.startswith("attention.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+                qkv.setdefault(int(i), {})[rest.split(".", 1)[1]] = value
+                continue
+            for hf, ours in per_layer.items():
+                if rest.startswith(hf):
+                    out[f"blocks.{i}.{ours}{rest[len(hf):]}"] = value
+                    break
+            else:
+                out[key] = value  # unknown: reported by the strict load
+        else:
+            out[key] = value
+    for i, p in qkv.items():
+        dim = p["q_proj.weight"].shape[0]
+        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([p["q_proj.weight"], p["k_proj.weight"], p["v_proj.weight"]])
+        k_bias = torch.zeros_like(p["q_proj.bias"])
+        out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([p["q_proj.bias"], k_bias, p["v_proj.bias"]])
+        out[f"blocks.{i}.attn.qkv.bias_mask"] = torch.cat([torch.ones(dim), torch.zeros(dim), torch.ones(dim)])
+    out["rope_embed.periods"] = rope_periods(64)
+    return out
+
+
+def vit_config_from_state(state):
+    dim = state["cls_token"].shape[-1]
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    return dict(embed_dim=dim, depth=depth, num_heads=dim // 64, n_storage_tokens=state["storage_tokens"].shape[1],
+                patch_size=state["patch_embed.proj.weight"].shape[-1])
+
+
+def load_dinov3(path_or_state_dict, arch=None):
+    """Frozen eval-mode DINOv3 ViT from an official `.pth`, or a Hugging Face state dict / `.safetensors` file.
+
+    The layout and the size are read from the keys; `arch` (e.g. 'vitl16'), when given, must match the file.
+    """
+    state = path_or_state_dict
+    if isinstance(state, (str, os.PathLike)):
+        path = os.fspath(state)
+        if not os.path.isfile(path):
+            name = DINOV3_FILES.get(arch or "vitl16")
+            raise FileNotFoundError(f"DINOv3 weights not found at {path}: expected {name} (or its model.safetensors); "
+                                    + DINOV3_SOURCE.format(arch=arch or "vitl16"))
+        state = read_safetensors(path) if path.endswith(".safetensors") else \
+            torch.load(path, map_location="cpu", weights_only=True)
+    if any(k.removeprefix("model.").startswith(("embeddings.", "layer.")) for k in state):
+        state = hf_to_official(state)
+    if "cls_token" not in state or "patch_embed.proj.weight" not in state:
+        raise ValueError("not a DINOv3 ViT checkpoint: no cls_token / patch_embed.proj.weight key")
+    state = {k: v for k, v in state.items() if not k.startswith("local_cls_norm.")}  # SAT-493M extra, unused
+    config = vit_config_from_state(state)
+    if arch is not None:
+        if arch not in VIT_ARCHS:
+            raise ValueError(f"unknown DINOv3 arch {arch!r}; choose from {sorted(VIT_ARCHS)}")
+        want = dict(zip(("embed_dim", "depth", "num_heads"), VIT_ARCHS[arch]))
+        if any(config[k] != v for k, v in want.items()):
+            raise ValueError(f"checkpoint holds a ViT with width {config['embed_dim']} and depth {config['depth']}, "
+                             f"not {arch} (width {want['embed_dim']}, depth {want['depth']})")
+    with torch.device("meta"):
+        vit = DinoVisionTransformer(**config)
+    missing, unexpected = vit.state_dict().keys() - state.keys(), state.keys() - vit.state_dict().keys()
+    if missing or unexpected:
+        raise ValueError(f"DINOv3 checkpoint does not match: missing keys {sorted(missing)}, "
+                         f"unexpected keys {sorted(unexpected)}")
+    vit.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    return vit.requires_grad_(False).eval()
+
+
+#################################################################################
+#                  DINO-SAE encoder: conv stem + frozen ViT (§3.1)              #
+#################################################################################
+
+class StemResBlock(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(32, ch), nn.Conv2d(ch, ch, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(32, ch), nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv1(F.gelu(self.norm1(x)))
+        return x + self.conv2(F.gelu(self.norm2(h)))
+
+
+class ConvStem(nn.Module):
+    """Hierarchical 4-stage stem replacing the single 16×16 patch convolution: each stage halves the resolution, so
+    fine detail is summarised progressively instead of in one linear projection (paper §3.1, SPEC §2.1)."""
+
+    def __init__(self, out_dim, widths=(128, 256, 512, 1024)):
+        super().__init__()
+        stages, ch = [], 3
+        for w in widths:
+            stages += [nn.Conv2d(ch, w, 3, stride=2, padding=1), StemResBlock(w)]
+            ch = w
+        self.stages = nn.Sequential(*stages)
+        self.norm = nn.GroupNorm(32, ch)
+        self.proj = nn.Conv2d(ch, out_dim, 1)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.norm(self.stages(x))))
+
+
+class DinoSAEEncoder(nn.Module):
+    """Student = trainable stem + the frozen DINOv3 transformer; teacher = the untouched DINOv3 (one shared copy).
+
+    The latent is the student's normed patch tokens put on a sphere of radius R = sqrt(C) per token (SPEC §2.1, D1):
+    the cosine alignment fixes only their direction, so the magnitude carries no information worth decoding.
+    """
+
+    def __init__(self, vit, stem_widths=(128, 256, 512, 1024)):
+        super().__init__()
+        self.vit = vit.requires_grad_(False).eval()
+        self.stem = ConvStem(vit.embed_dim, stem_widths)
+        self.radius = math.sqrt(vit.embed_dim)
+
+    def student_tokens(self, x):
+        """x in [-1, 1] -> normed patch tokens z_S [B, N, D]; gradients flow through the frozen ViT to the stem."""
+        x = imagenet_normalize(x)
+        return self.vit.features_from_patches(self.stem(x))["x_norm_patchtokens"]
+
+    @torch.no_grad()
+    def teacher_tokens(self, x):
+        return self.vit.forward_features(imagenet_normalize(x))["x_norm_patchtokens"]
+
+    def to_sphere(self, z_s, h, w):
+        z = self.radius * F.normalize(z_s.float(), dim=-1)
+        return z.transpose(1, 2).reshape(z.shape[0], -1, h, w)
+
+    def forward(self, x, with_teacher=False):
+        """Returns the spherical latent z [B, C, h, w], and z_S, z_T [B, N, D] when the teacher is asked for."""
+        check_images(x, self.vit.patch_size)
+        h, w = x.shape[2] // self.vit.patch_size, x.shape[3] // self.vit.patch_size
+        z_s = self.student_tokens(x)
+        out = {"z": self.to_sphere(z_s, h, w), "z_s": z_s}
+        if with_teacher:
+            out["z_t"] = self.teacher_tokens(x)
+        return out
+
+    def encode(self, x):
+        return self(x)["z"]
+
+
+#################################################################################
+#                           DC-AE decoder (§3.3, SPEC §2.2)                     #
+#################################################################################
+
+class RMSNorm2d(nn.Module):
+    """RMS normalisation over channels with weight and bias, computed in fp32 ("trms2d")."""
+
+    def __init__(self, ch, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(ch))
+        self.bias = nn.Parameter(torch.zeros(ch))
+
+    def forward(self, x):
+        y = x.float() * torch.rsqrt(x.float().square().mean(dim=1, keepdim=True) + self.eps)
+        return (y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)).to(x.dtype)
+
+
+def build_norm(name, ch):
+    return {"bn2d": lambda: nn.BatchNorm2d(ch, eps=1e-5), "trms2d": lambda: RMSNorm2d(ch)}[name]()
+
+
+def build_act(name):
+    return {"relu": nn.ReLU, "silu": nn.SiLU}[name]()
+
+
+class ConvLayer(nn.Module):
+    """Conv -> optional norm -> optional act, under DC-AE's names (`conv`, `norm`)."""
+
+    def __init__(self, cin, cout, kernel=3, bias=True, norm=None, act=None, groups=1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=bias, groups=groups)
+        self.norm = build_norm(norm, cout) if norm else None
+        self.act = build_act(act) if act else None
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.act(x) if self.act is not None else x
+
+
+class ChannelDuplicatingUpsample(nn.Module):
+    """Parameter-free shortcut: repeat each channel r times, then pixel-shuffle (for r = 4, nearest ×2 upsampling)."""
+
+    def __init__(self, cin, cout, factor):
+        super().__init__()
+        self.factor, self.repeats = factor, cout * factor ** 2 // cin
+
+    def forward(self, x):
+        return F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), self.factor)
+
+
+class ConvPixelShuffleUpsample(nn.Module):
+    def __init__(self, cin, cout, factor=2):
+        super().__init__()
+        self.factor = factor
+        self.conv = ConvLayer(cin, cout * factor ** 2, 3)
+
+    def forward(self, x):
+        return F.pixel_shuffle(self.conv(x), self.factor)
+
+
+class Residual(nn.Module):
+    """main(x) + shortcut(x), the DC-AE `ResidualBlock` (keys `main.*`)."""
+
+    def __init__(self, main, shortcut=None):
+        super().__init__()
+        self.main, self.shortcut = main, shortcut
+
+    def forward(self, x):
+        return self.main(x) + (x if self.shortcut is None else self.shortcut(x))
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch, norm, act):
+        super().__init__()
+        self.conv1 = ConvLayer(ch, ch, 3, bias=True, act=act)
+        self.conv2 = ConvLayer(ch, ch, 3, bias=False, norm=norm)
+
+    def forward(self, x):
+        return self.conv2(self.conv1(x))
+
+
+class LiteMLA(nn.Module):
+    """ReLU linear attention: out_n = Σ_m v_m (k_m·q_n) / (Σ_m k_m·q_n + eps), linear in the number of tokens."""
+
+    def __init__(self, ch, norm, head_dim=32, eps=1e-15):
+        super().__init__()
+        self.head_dim, self.eps = head_dim, eps
+        self.qkv = ConvLayer(ch, 3 * ch, 1, bias=False)
+        self.proj = ConvLayer(ch, ch, 1, bias=False, norm=norm)
+
+    def split_heads(self, x):
+        B, _, H, W = x.shape
+        qkv = x.reshape(B, -1, 3 * self.head_dim, H * W).float()  # head-major: each head's q, k, v
+        q, k, v = qkv.split(self.head_dim, dim=2)
+        return F.relu(q), F.relu(k), v
+
+    def linear_attention(self, x):
+        q, k, v = self.split_heads(x)
+        v = F.pad(v, (0, 0, 0, 1), value=1.0)  # the row of ones yields the normaliser Σ_m k_m·q_n
+        out = (v @ k.transpose(-1, -2)) @ q
+        return out[:, :, :-1] / (out[:, :, -1:] + self.eps)
+
+    def quadratic_attention(self, x):
+        q, k, v = self.split_heads(x)
+        scores = k.transpose(-1, -2) @ q  # [B, heads, M, N]: k_m · q_n
+        return (v @ scores) / (scores.sum(dim=2, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        out = self.linear_attention(self.qkv(x)).reshape(B, C, H, W).to(x.dtype)
+        return self.proj(out)
+
+
+class GLUMBConv(nn.Module):
+    def __init__(self, ch, norm, act, expand=4):
+        super().__init__()
+        hidden = ch * expand
+        self.inverted_conv = ConvLayer(ch, 2 * hidden, 1, bias=True, act=act)
+        self.depth_conv = ConvLayer(2 * hidden, 2 * hidden, 3, bias=True, groups=2 * hidden)
+        self.glu_act = build_act(act)
+        self.point_conv = ConvLayer(hidden, ch, 1, bias=False, norm=norm)
+
+    def forward(self, x):
+        x, gate = self.depth_conv(self.inverted_conv(x)).chunk(2, dim=1)
+        return self.point_conv(x * self.glu_act(gate))
+
+
+class EfficientViTBlock(nn.Module):
+    def __init__(self, ch, norm, act):
+        super().__init__()
+        self.context_module = Residual(LiteMLA(ch, norm))
+        self.local_module = Residual(GLUMBConv(ch, norm, act))
+
+    def forward(self, x):
+        return self.local_module(self.context_module(x))
+
+
+class OpSequential(nn.Module):
+    def __init__(self, ops):
+        super().__init__()
+        self.op_list = nn.ModuleList(ops)
+
+    def forward(self, x):
+        for op in self.op_list:
+            x = op(x)
+        return x
+
+
+def decoder_block(kind, ch, norm, act):
+    if kind == "ResBlock":
+        return Residual(ResBlock(ch, norm, act))
+    return EfficientViTBlock(ch, norm, act)
+
+
+DCAE_CONFIGS = {
+    # Ours: the released f32c32-in decoder without its deepest 8×8 stage, fed by the 1024-channel DINO latent.
+    "f16-in": dict(latent_channels=1024, widths=(128, 256, 512, 512, 1024), depths=(0, 5, 10, 2, 2),
+                   blocks=("ResBlock",) * 3 + ("EViT_GLU",) * 2, norms=("bn2d",) * 3 + ("trms2d",) * 2,
+                   acts=("relu",) * 3 + ("silu",) * 2),
+    "f32c32-in": dict(latent_channels=32, widths=(128, 256, 512, 512, 1024, 1024), depths=(0, 5, 10, 2, 2, 2),
+                      blocks=("ResBlock",) * 3 + ("EViT_GLU",) * 3, norms=("bn2d",) * 3 + ("trms2d",) * 3,
+                      acts=("relu",) * 3 + ("silu",) * 3),
+}
+
+
+class DCAEDecoder(nn.Module):
+    """DC-AE decoder: project_in -> stages from deepest to shallowest (×2 each) -> norm, act, ×2 pixel-shuffle conv."""
+
+    def __init__(self, latent_channels, widths, depths, blocks, norms, acts, out_channels=3):
+        super().__init__()
+        self.latent_channels = latent_channels
+        self.project_in = Residual(ConvLayer(latent_channels, widths[-1], 3),
+                                   ChannelDuplicatingUpsample(latent_channels, widths[-1], 1))
+        stages = []
+        for s, (width, depth) in enumerate(zip(widths, depths)):
+            ops = []
+            if s < len(widths) - 1 and depth > 0:
+                ops.append(Residual(ConvPixelShuffleUpsample(widths[s + 1], width),
+                                    ChannelDuplicatingUpsample(widths[s + 1], width, 2)))
+            ops += [decoder_block(blocks[s], width, norms[s], acts[s]) for _ in range(depth)]
+            stages.append(OpSequential(ops))
+        self.stages = nn.ModuleList(stages)
+        out_width = widths[0] if depths[0] > 0 else widths[1]
+        factor = 1 if depths[0] > 0 else 2
+        self.project_out = OpSequential([RMSNorm2d(out_width), nn.ReLU(),
+                                         ConvPixelShuffleUpsample(out_width, out_channels, factor)])
+
+    @property
+    def last_layer_weight(self):
+        """The weight the adaptive GAN weight is measured on (SPEC §2.3)."""
+        return self.project_out.op_list[-1].conv.conv.weight
+
+    def forward(self, z):
+        if z.ndim != 4 or z.shape[1] != self.latent_channels:
+            raise ValueError(f"decoder expects latents [B, {self.latent_channels}, h, w], got {list(z.shape)}")
+        x = self.project_in(z)
+        for stage in reversed(self.stages):
+            if len(stage.op_list):
+                x = stage(x)
+        return self.project_out(x)
+
+
+def dcae_decoder(name="f16-in"):
+    if name not in DCAE_CONFIGS:
+        raise ValueError(f"unknown DC-AE decoder {name!r}; choose from {sorted(DCAE_CONFIGS)}")
+    return DCAEDecoder(**DCAE_CONFIGS[name])
+
+
+#################################################################################
+#                    DINO discriminator (§3.3, SPEC §2.4)                       #
+#################################################################################
+
+def diff_augment(x, generator=None):
+    """DiffAugment 'color,translation' on [-1, 1] images, applied with probability 1 to real and fake alike."""
+    B, device = x.shape[0], x.device
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=generator, device=device, dtype=x.dtype)
+
+    x = x + (rand(B, 1, 1, 1) - 0.5)
+    mean = x.mean(dim=1, keepdim=True)
+    x = (x - mean) * (rand(B, 1, 1, 1) * 2) + mean
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * (rand(B, 1, 1, 1) + 0.5) + mean
+    return translate(x, generator)
+
+
+def translate(x, generator=None, ratio=0.125):
+    """Shift each image by an integer offset in [-ratio·side, ratio·side], filling with zeros."""
+    B, _, H, W = x.shape
+    sy, sx = int(H * ratio + 0.5), int(W * ratio + 0.5)
+    dy = torch.randint(-sy, sy + 1, (B, 1, 1), generator=generator, device=x.device)
+    dx = torch.randint(-sx, sx + 1, (B, 1, 1), generator=generator, device=x.device)
+    rows = (torch.arange(H, device=x.device).view(1, H, 1) + dy).clamp(-1, H)
+    cols = (torch.arange(W, device=x.device).view(1, 1, W) + dx).clamp(-1, W)
+    padded = F.pad(x, (1, 1, 1, 1))  # index -1 and H/W land on the zero border
+    batch = torch.arange(B, device=x.device).view(B, 1, 1)
+    return padded.permute(0, 2, 3, 1)[batch, rows + 1, cols + 1].permute(0, 3, 1, 2)
+
+
+class BatchNormLocal(nn.Module):
+    """Per-sample normalisation over tokens (fp32), so the discriminator's logits never mix samples of a batch."""
+
+    def __init__(self, ch, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(ch))
+        self.bias = nn.Parameter(torch.zeros(ch))
+
+    def forward(self, x):  # [B, C, L]
+        xf = x.float()
+        mean, var = xf.mean(dim=2, keepdim=True), xf.var(dim=2, unbiased=False, keepdim=True)
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        return (y * self.weight.view(1, -1, 1) + self.bias.view(1, -1, 1)).to(x.dtype)
+
+
+def sn_conv1d(cin, cout, kernel):
+    conv = nn.Conv1d(cin, cout, kernel, padding=kernel // 2, padding_mode="circular")
+    return nn.utils.parametrizations.spectral_norm(conv)
+
+
+class DiscBlock(nn.Module):
+    def __init__(self, ch, kernel):
+        super().__init__()
+        self.conv, self.norm = sn_conv1d(ch, ch, kernel), BatchNormLocal(ch)
+
+    def forward(self, x):
+        return F.leaky_relu(self.norm(self.conv(x)), 0.2)
+
+
+class DiscHead(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.block1, self.block2 = DiscBlock(ch, 1), DiscBlock(ch, 9)
+        self.cls = sn_conv1d(ch, 1, 1)
+
+    def forward(self, x):
+        x = self.block1(x)
+        x = (self.block2(x) + x) / math.sqrt(2)
+        return self.cls(x)
+
+
+class DinoDiscriminator(nn.Module):
+    """Projected discriminator: trainable heads on 4 taps of a frozen DINOv3 ViT-S/16 (StyleGAN-T / RAE design).
+
+    The feature net is held outside the module's parameters and state dict, so it is neither trained, nor saved, nor
+    synchronised by DDP; it follows the module across devices.
+    """
+
+    def __init__(self, feature_net, taps=(2, 5, 8, 11), resolution=224):
+        super().__init__()
+        if max(taps) >= len(feature_net.blocks):
+            raise ValueError(f"discriminator taps {taps} need a ViT with more than {max(taps)} blocks")
+        self.__dict__["feature_net"] = feature_net.requires_grad_(False).eval()
+        self.taps, self.resolution = tuple(taps), resolution
+        self.heads = nn.ModuleList([DiscHead(feature_net.embed_dim) for _ in taps])
+
+    def _apply(self, fn, *args, **kwargs):
+        self.feature_net._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
+
+    def forward(self, x, generator=None):
+        """x in [-1, 1] -> logits [B, heads · tokens]."""
+        check_images(x, 1)
+        x = diff_augment(x, generator)
+        x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+        feats = self.feature_net.get_intermediate_layers(imagenet_normalize(x), n=self.taps, norm=False)
+        return torch.cat([head(f.transpose(1, 2)).flatten(1) for head, f in zip(self.heads, feats)], dim=1)
