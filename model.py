@@ -9,8 +9,11 @@ import json
 import math
 import os
 import struct
+from functools import partial
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -454,8 +457,29 @@ class RMSNorm2d(nn.Module):
         return (y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)).to(x.dtype)
 
 
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the global batch across DDP ranks, on any backend (torch's
+    SyncBatchNorm is GPU-only), so N ranks train exactly like one process on the same global batch."""
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        xf, C = x.float(), x.shape[1]
+        count = torch.full((1,), x.numel() / C, device=x.device)
+        stats = dist_nn.all_reduce(torch.cat([xf.sum((0, 2, 3)), xf.square().sum((0, 2, 3)), count]))
+        n = stats[-1]
+        mean = stats[:C] / n
+        var = stats[C:2 * C] / n - mean.square()
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+            self.num_batches_tracked += 1
+        y = (xf - mean.view(1, C, 1, 1)) * torch.rsqrt(var.view(1, C, 1, 1) + self.eps)
+        return (y * self.weight.view(1, C, 1, 1) + self.bias.view(1, C, 1, 1)).to(x.dtype)
+
+
 def build_norm(name, ch):
-    return {"bn2d": lambda: nn.BatchNorm2d(ch, eps=1e-5), "trms2d": lambda: RMSNorm2d(ch)}[name]()
+    return {"bn2d": lambda: SyncBatchNorm2d(ch, eps=1e-5), "trms2d": lambda: RMSNorm2d(ch)}[name]()
 
 
 def build_act(name):
@@ -747,3 +771,252 @@ class DinoDiscriminator(nn.Module):
         x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
         feats = self.feature_net.get_intermediate_layers(imagenet_normalize(x), n=self.taps, norm=False)
         return torch.cat([head(f.transpose(1, 2)).flatten(1) for head, f in zip(self.heads, feats)], dim=1)
+
+
+#################################################################################
+#        Diffusion transformers on the spherical latent (§3.4, SPEC §3)         #
+#################################################################################
+# LightningDiT and DiT^DH as in RAE's code: pre-norm blocks with RMSNorm, adaLN-Zero, 2D axial RoPE on q and k,
+# SwiGLU MLP; patch size 1, so every latent position is one token (row-major). DiT^DH (RAE's "DDT") adds a wide,
+# shallow head conditioned token by token on the body's output. Time: t in [0, 1], t = 0 data, t = 1 noise.
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+def sincos_pos_embed_2d(dim, size):
+    """Fixed [size*size, dim] sin-cos embedding (MAE/DiT layout: first half encodes the column, second the row)."""
+    if dim % 4:
+        raise ValueError(f"2D sin-cos position embedding needs a width divisible by 4, got {dim}")
+    omega = 10000.0 ** (-torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    angles = torch.outer(torch.arange(size, dtype=torch.float64), omega)
+    emb = torch.cat([angles.sin(), angles.cos()], dim=-1)                      # [size, dim/2]
+    col, row = emb[None, :].expand(size, size, -1), emb[:, None].expand(size, size, -1)
+    return torch.cat([col, row], dim=-1).reshape(size * size, dim).float()
+
+
+class AxialRoPE(nn.Module):
+    """2D rotary embedding (θ = 10000) for a size×size grid of row-major tokens, as in EVA / LightningDiT / RAE:
+    the first half of each head's dims rotates with the row index, the second half with the column index, with
+    frequencies θ^(-2k/(head_dim/2)); dims (2k, 2k+1) form a rotated pair."""
+
+    def __init__(self, head_dim, size, theta=10000.0):
+        super().__init__()
+        if head_dim % 4:
+            raise ValueError(f"2D RoPE needs a head dimension divisible by 4, got {head_dim}")
+        half = head_dim // 2
+        freqs = theta ** (-torch.arange(0, half, 2, dtype=torch.float32) / half)
+        angles = torch.outer(torch.arange(size, dtype=torch.float32), freqs).repeat_interleave(2, dim=-1)
+        row, col = angles[:, None].expand(size, size, half), angles[None, :].expand(size, size, half)
+        angles = torch.cat([row, col], dim=-1).reshape(size * size, head_dim)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x):
+        """x [B, heads, N, head_dim] → rotated x (float32: the angles are kept in full precision)."""
+        x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+        rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
+        return x * self.cos + rotated * self.sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class RoPEAttention(nn.Module):
+    """Multi-head self-attention, fused qkv with bias, no qk-norm, RoPE on q and k."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rope):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k = rope(q).to(v.dtype), rope(k).to(v.dtype)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block; c is [B, 1, dim] (one condition per image) or [B, N, dim] (per token, DiT^DH head)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.attn = RoPEAttention(dim, num_heads)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = SwiGLU(dim, int(2 / 3 * (4 * dim)))  # SwiGLU keeps the parameters of a ratio-4 MLP
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, rope):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim, out_channels):
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, out_channels)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] → MLP([sin 2πWt, cos 2πWt]) with 256 fixed random frequencies W ~ N(0, 1).
+    RAE's Gaussian Fourier embedding (its parameter counts pin it); W is a saved buffer, not trained."""
+
+    def __init__(self, dim, num_freqs=256):
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(num_freqs))
+        self.mlp = nn.Sequential(nn.Linear(2 * num_freqs, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        angles = 2 * math.pi * t.float()[:, None] * self.freqs
+        return self.mlp(torch.cat([angles.sin(), angles.cos()], dim=-1))
+
+
+def to_tokens(x):
+    """[B, C, h, w] → [B, h*w, C], row-major (token i*w + j is position (i, j))."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def to_image(tokens, size):
+    return tokens.transpose(1, 2).unflatten(2, (size, size))
+
+
+def _describe(v):
+    return f"{v.dtype} tensor of shape {tuple(v.shape)}" if torch.is_tensor(v) else type(v).__name__
+
+
+class _LatentDiT(nn.Module):
+    """What both models share: the input contract, the class table with its null row, and RAE's initialisation."""
+
+    def _setup_io(self, input_size, in_channels, num_classes, dim):
+        self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes
+        self.null_class = num_classes  # label of the unconditional branch (CFG); the trainer does the dropout
+        self.t_embedder = TimestepEmbedder(dim)
+        self.y_embedder = nn.Embedding(num_classes + 1, dim)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, input_size), persistent=False)
+
+    def _check_inputs(self, x, t, y):
+        s, C = self.input_size, self.in_channels
+        if x.dim() != 4 or tuple(x.shape[1:]) != (C, s, s):
+            raise ValueError(f"x must have shape [B, {C}, {s}, {s}], got {tuple(x.shape)}")
+        B = x.shape[0]
+        if not torch.is_tensor(t) or tuple(t.shape) != (B,) or not t.is_floating_point():
+            raise ValueError(f"t must be a float tensor of shape [{B}] with values in [0, 1], got {_describe(t)}")
+        if not torch.is_tensor(y) or tuple(y.shape) != (B,) or y.dtype != torch.long:
+            raise ValueError(f"y must be a long tensor of shape [{B}] (class ids, null = {self.null_class}), "
+                             f"got {_describe(y)}")
+
+    def _init_weights(self, xavier_everywhere, input_embedders, blocks):
+        if xavier_everywhere:  # LightningDiT (as DiT); RAE's DDT leaves PyTorch's default Linear init in the blocks
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                    nn.init.zeros_(m.bias)
+        for embedder in input_embedders:
+            nn.init.xavier_uniform_(embedder.weight)
+            nn.init.zeros_(embedder.bias)
+        nn.init.normal_(self.y_embedder.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        final = self.final_layer
+        for layer in [*(b.adaLN_modulation[-1] for b in blocks), final.adaLN_modulation[-1], final.linear]:
+            nn.init.zeros_(layer.weight)  # adaLN-Zero: every block starts as the identity, the output as 0
+            nn.init.zeros_(layer.bias)
+
+
+class LightningDiT(_LatentDiT):
+    def __init__(self, input_size=16, in_channels=1024, num_classes=1000, hidden_size=1152, depth=28, num_heads=16):
+        super().__init__()
+        self._setup_io(input_size, in_channels, num_classes, hidden_size)
+        self.x_embedder = nn.Linear(in_channels, hidden_size)  # patch size 1: a 1×1 conv is a Linear on tokens
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads) for _ in range(depth))
+        self.rope = AxialRoPE(hidden_size // num_heads, input_size)
+        self.final_layer = FinalLayer(hidden_size, in_channels)
+        self._init_weights(True, [self.x_embedder], self.blocks)
+
+    def forward(self, x, t, y):
+        """x [B, C, h, w] (x_t), t [B] in [0, 1], y [B] class ids → velocity [B, C, h, w]."""
+        self._check_inputs(x, t, y)
+        c = (self.t_embedder(t) + self.y_embedder(y))[:, None]
+        h = self.x_embedder(to_tokens(x)) + self.pos_embed
+        for block in self.blocks:
+            h = block(h, c, self.rope)
+        return to_image(self.final_layer(h, c), self.input_size)
+
+
+class DiTDH(_LatentDiT):
+    """DiT^DH: a LightningDiT body (width hidden_size) plus a wide head (head_depth blocks of width head_hidden_size)
+    that re-embeds x_t and takes its adaLN shift/scale/gate per token from the body's output."""
+
+    def __init__(self, input_size=16, in_channels=1024, num_classes=1000, hidden_size=1152, depth=28, num_heads=16,
+                 head_hidden_size=2048, head_depth=2, head_num_heads=16):
+        super().__init__()
+        self._setup_io(input_size, in_channels, num_classes, hidden_size)
+        self.s_embedder = nn.Linear(in_channels, hidden_size)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads) for _ in range(depth))
+        self.rope = AxialRoPE(hidden_size // num_heads, input_size)
+        self.s_projector = nn.Linear(hidden_size, head_hidden_size)
+        self.x_embedder = nn.Linear(in_channels, head_hidden_size)
+        self.head = nn.ModuleList(DiTBlock(head_hidden_size, head_num_heads) for _ in range(head_depth))
+        self.head_rope = AxialRoPE(head_hidden_size // head_num_heads, input_size)
+        self.final_layer = FinalLayer(head_hidden_size, in_channels)
+        self._init_weights(False, [self.s_embedder, self.x_embedder], [*self.blocks, *self.head])
+
+    def forward(self, x, t, y):
+        """x [B, C, h, w] (x_t), t [B] in [0, 1], y [B] class ids → velocity [B, C, h, w]."""
+        self._check_inputs(x, t, y)
+        t_emb = self.t_embedder(t)[:, None]
+        c = F.silu(t_emb + self.y_embedder(y)[:, None])  # RAE applies SiLU here and again inside each adaLN
+        tokens = to_tokens(x)
+        s = self.s_embedder(tokens) + self.pos_embed
+        for block in self.blocks:
+            s = block(s, c, self.rope)
+        s = self.s_projector(F.silu(s + t_emb))  # bridge: per-token condition for the head
+        h = self.x_embedder(tokens)  # no absolute position embedding in the head: RoPE only
+        for block in self.head:
+            h = block(h, s, self.head_rope)
+        return to_image(self.final_layer(h, s), self.input_size)
+
+
+DIT_SIZES = {
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+}
+# constructors taking input_size=16, in_channels=1024, num_classes=1000; the DiT^DH head is 2 × 2048 (16 heads)
+DiT_models = {
+    **{f"LightningDiT-{name}/1": partial(LightningDiT, **size) for name, size in DIT_SIZES.items()},
+    **{f"DiTDH-{name}/1": partial(DiTDH, **size) for name, size in DIT_SIZES.items()},
+}

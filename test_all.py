@@ -4,9 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (DCAE_CONFIGS, ChannelDuplicatingUpsample, DCAEDecoder, DinoDiscriminator, DinoSAEEncoder,
-                   DinoVisionTransformer, LiteMLA, RMSNorm2d, dcae_decoder, dinov3_vit, imagenet_normalize,
-                   load_dinov3, write_safetensors)
+from model import (AxialRoPE, ChannelDuplicatingUpsample, DCAE_CONFIGS, dcae_decoder, DCAEDecoder, DinoDiscriminator,
+                   DinoSAEEncoder, dinov3_vit, DinoVisionTransformer, DiT_models, DIT_SIZES, DiTDH,
+                   imagenet_normalize, LightningDiT, LiteMLA, load_dinov3, RMSNorm2d, RoPEAttention,
+                   sincos_pos_embed_2d, to_image, to_tokens, write_safetensors)
 
 
 # ---- helpers: a tiny DINOv3 in the official layout, and its Hugging Face re-save ----
@@ -346,3 +347,269 @@ def test_discriminator_heads_use_per_sample_statistics():
     together = head(feats)
     alone = torch.cat([head(feats[i:i + 1]) for i in range(3)])
     assert torch.allclose(together, alone, atol=1e-5)
+
+
+def _dit_tiny(kind, perturb=False, seed=0):
+    torch.manual_seed(seed)
+    common = dict(input_size=4, in_channels=8, num_classes=10, hidden_size=32, depth=2, num_heads=2)
+    if kind == "lightning":
+        model = LightningDiT(**common)
+    else:
+        model = DiTDH(**common, head_hidden_size=48, head_depth=2, head_num_heads=2)
+    if perturb:  # leave the adaLN-Zero / zero-output init so that every path carries signal
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def _dit_inputs(batch=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 8, 4, 4, generator=g)
+    t = torch.rand(batch, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    return x, t, y
+
+
+def _dit_rope_reference(x, size, theta=10000.0):
+    """Axial RoPE by its definition: token n = (i, j) row-major; pair (2p, 2p+1) of the first half of the head dims
+    is the complex number x_2p + i·x_2p+1 multiplied by exp(i·row·θ^(-2p/(hd/2))), the second half likewise with
+    the column index."""
+    hd = x.shape[-1]
+    quarter = hd // 4
+    freqs = theta ** (-2 * torch.arange(quarter, dtype=torch.float64) / (hd // 2))
+    idx = torch.arange(size * size)
+    row, col = (idx // size).double(), (idx % size).double()
+    phase = torch.cat([torch.outer(row, freqs), torch.outer(col, freqs)], dim=-1)  # [N, hd/2]
+    z = torch.view_as_complex(x.double().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(z * torch.polar(torch.ones_like(phase), phase)).flatten(-2)
+
+
+def _dit_rms(x, weight):
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+
+
+def _dit_attention_reference(attn, x, size):
+    B, N, D = x.shape
+    H = attn.num_heads
+    qkv = (x @ attn.qkv.weight.T + attn.qkv.bias).view(B, N, 3, H, D // H)
+    q, k, v = (qkv[:, :, i].transpose(1, 2).double() for i in range(3))
+    q, k = _dit_rope_reference(q, size), _dit_rope_reference(k, size)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D // H), dim=-1)
+    out = (weights @ v).transpose(1, 2).reshape(B, N, D).float()
+    return out @ attn.proj.weight.T + attn.proj.bias
+
+
+def _dit_block_reference(block, x, c, size):
+    mods = F.silu(c) @ block.adaLN_modulation[1].weight.T + block.adaLN_modulation[1].bias
+    shift1, scale1, gate1, shift2, scale2, gate2 = mods.chunk(6, dim=-1)
+    x = x + gate1 * _dit_attention_reference(block.attn, _dit_rms(x, block.norm1.weight) * (1 + scale1) + shift1, size)
+    h = _dit_rms(x, block.norm2.weight) * (1 + scale2) + shift2
+    a, b = (h @ block.mlp.w12.weight.T + block.mlp.w12.bias).chunk(2, dim=-1)
+    return x + gate2 * ((F.silu(a) * b) @ block.mlp.w3.weight.T + block.mlp.w3.bias)
+
+
+def _dit_final_reference(final, x, c):
+    mods = F.silu(c) @ final.adaLN_modulation[1].weight.T + final.adaLN_modulation[1].bias
+    shift, scale = mods.chunk(2, dim=-1)
+    return (_dit_rms(x, final.norm.weight) * (1 + scale) + shift) @ final.linear.weight.T + final.linear.bias
+
+
+def _dit_forward_reference(model, x, t, y):
+    """SPEC §3 written out: Gaussian Fourier time features, c = t_emb + y_emb (LightningDiT) or SiLU(t_emb + y_emb)
+    (DiT^DH), body on embedded x_t, DiT^DH bridge Linear(SiLU(s + t_emb)) and a head conditioned per token on it."""
+    size = model.input_size
+    angles = 2 * math.pi * t[:, None] * model.t_embedder.freqs
+    t_emb = model.t_embedder.mlp(torch.cat([angles.sin(), angles.cos()], dim=-1))[:, None]
+    y_emb = model.y_embedder.weight[y][:, None]
+    tokens = x.permute(0, 2, 3, 1).reshape(x.shape[0], size * size, -1)
+    if isinstance(model, LightningDiT):
+        c = t_emb + y_emb
+        h = tokens @ model.x_embedder.weight.T + model.x_embedder.bias + sincos_pos_embed_2d(_dit_width(model), size)
+        for block in model.blocks:
+            h = _dit_block_reference(block, h, c, size)
+        out = _dit_final_reference(model.final_layer, h, c)
+    else:
+        c = F.silu(t_emb + y_emb)
+        s = tokens @ model.s_embedder.weight.T + model.s_embedder.bias + sincos_pos_embed_2d(_dit_width(model), size)
+        for block in model.blocks:
+            s = _dit_block_reference(block, s, c, size)
+        s = F.silu(s + t_emb) @ model.s_projector.weight.T + model.s_projector.bias
+        h = tokens @ model.x_embedder.weight.T + model.x_embedder.bias
+        for block in model.head:
+            h = _dit_block_reference(block, h, s, size)
+        out = _dit_final_reference(model.final_layer, h, s)
+    return out.reshape(x.shape[0], size, size, -1).permute(0, 3, 1, 2)
+
+
+def _dit_width(model):
+    return model.y_embedder.weight.shape[1]
+
+
+def _dit_param_formula(C, d, depth, head=None):
+    """Trainable parameters by hand (1001 class rows, 512 Fourier features, SwiGLU hidden int(2/3·4d))."""
+    def block(w):
+        hid = int(2 / 3 * (4 * w))
+        return 2 * w + (w * 3 * w + 3 * w) + (w * w + w) + (w * 2 * hid + 2 * hid) + (hid * w + w) + (w * 6 * w + 6 * w)
+    shared = (512 * d + d) + (d * d + d) + 1001 * d + (C * d + d) + depth * block(d)
+    if head is None:
+        return shared + d + (d * 2 * d + 2 * d) + (d * C + C)
+    D, head_depth = head
+    return shared + (d * D + D) + (C * D + D) + head_depth * block(D) + D + (D * 2 * D + 2 * D) + (D * C + C)
+
+
+def test_dit_full_size_param_counts_match_rae():
+    counts = {}
+    for C in (1024, 768):
+        for name in DiT_models:
+            with torch.device("meta"):
+                model = DiT_models[name](in_channels=C)
+            assert all(p.requires_grad for p in model.parameters())
+            counts[name, C] = sum(p.numel() for p in model.parameters())
+            size = DIT_SIZES[name.split("-")[1][:-2]]
+            head = (2048, 2) if name.startswith("DiTDH") else None
+            assert counts[name, C] == _dit_param_formula(C, size["hidden_size"], size["depth"], head)
+    print({f"{k[0]} C={k[1]}": v for k, v in counts.items()})
+    assert counts["LightningDiT-XL/1", 1024] == 677_543_296
+    assert counts["DiTDH-XL/1", 1024] == 839_724_372
+    assert round(counts["LightningDiT-XL/1", 768] / 1e6, 2) == 676.95  # SPEC §3 table, RAE's code
+    assert round(counts["DiTDH-XL/1", 768] / 1e6, 2) == 838.38
+
+
+def test_dit_default_constructor_arguments():
+    with torch.device("meta"):
+        model = DiT_models["DiTDH-S/1"]()
+    assert (model.input_size, model.in_channels, model.num_classes, model.null_class) == (16, 1024, 1000, 1000)
+    assert model.y_embedder.num_embeddings == 1001
+    assert [b.attn.num_heads for b in model.head] == [16, 16] and model.head[0].norm1.weight.shape == (2048,)
+
+
+@pytest.mark.parametrize("kind", ["lightning", "dh"])
+def test_dit_output_shape_and_exactly_zero_at_init(kind):
+    model = _dit_tiny(kind)
+    x, t, y = _dit_inputs()
+    out = model(x, t, y)
+    assert out.shape == x.shape
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("kind", ["lightning", "dh"])
+def test_dit_forward_matches_spec_formula(kind):
+    model = _dit_tiny(kind, perturb=True)
+    x, t, y = _dit_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y), _dit_forward_reference(model, x, t, y), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["lightning", "dh"])
+def test_dit_output_depends_on_t_and_y(kind):
+    model = _dit_tiny(kind, perturb=True)
+    x, t, y = _dit_inputs()
+    with torch.no_grad():
+        out = model(x, t, y)
+        assert (out - model(x, 1 - t, y)).abs().max() > 1e-3
+        assert (out - model(x, t, (y + 1) % 10)).abs().max() > 1e-3
+        assert (out - model(x, t, torch.full_like(y, model.null_class))).abs().max() > 1e-3
+
+
+def test_dit_rope_preserves_norms_and_depends_on_relative_offset():
+    size, hd = 5, 16
+    rope = AxialRoPE(hd, size)
+    x = torch.randn(2, 3, size * size, hd)
+    rotated = rope(x)
+    torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1))
+    torch.testing.assert_close(rotated, _dit_rope_reference(x, size).float(), atol=1e-5, rtol=1e-5)
+    q, k = torch.randn(hd), torch.randn(hd)
+    rq, rk = rope(q.expand(1, 1, size * size, hd))[0, 0], rope(k.expand(1, 1, size * size, hd))[0, 0]
+    scores = rq @ rk.T  # scores[n, m] for q at token n, k at token m
+    by_offset = {}
+    for n in range(size * size):
+        for m in range(size * size):
+            by_offset.setdefault((n // size - m // size, n % size - m % size), []).append(scores[n, m])
+    spreads = [torch.stack(v).max() - torch.stack(v).min() for v in by_offset.values()]
+    assert max(spreads) < 1e-4
+    assert torch.stack([v[0] for v in by_offset.values()]).std() > 1e-2
+
+
+def test_dit_rope_first_half_follows_rows_second_half_columns():
+    size, hd = 4, 16
+    x = torch.randn(1, 1, size * size, hd)
+    rotated = AxialRoPE(hd, size)(x)
+    row0, col0 = torch.arange(size), torch.arange(size) * size
+    torch.testing.assert_close(rotated[..., row0, : hd // 2], x[..., row0, : hd // 2])
+    torch.testing.assert_close(rotated[..., col0, hd // 2:], x[..., col0, hd // 2:])
+    n = 2 * size + 3  # row 2, column 3; pair 1 of each half has frequency 10000^(-2/8) = 0.1
+    for start, pos in ((2, 2), (hd // 2 + 2, 3)):
+        a, b = x[0, 0, n, start], x[0, 0, n, start + 1]
+        phi = torch.tensor(0.1 * pos)
+        expected = torch.stack([a * phi.cos() - b * phi.sin(), a * phi.sin() + b * phi.cos()])
+        torch.testing.assert_close(rotated[0, 0, n, start:start + 2], expected)
+
+
+def test_dit_attention_matches_explicit_softmax():
+    torch.manual_seed(0)
+    attn, size = RoPEAttention(32, 2), 4
+    x = torch.randn(2, size * size, 32)
+    with torch.no_grad():
+        out = attn(x, AxialRoPE(16, size))
+        torch.testing.assert_close(out, _dit_attention_reference(attn, x, size), atol=1e-5, rtol=1e-5)
+
+
+def test_dit_tokens_are_row_major_and_invertible():
+    x = torch.randn(2, 3, 4, 5)
+    tokens = to_tokens(x)
+    assert tokens.shape == (2, 20, 3)
+    for i in range(4):
+        for j in range(5):
+            assert torch.equal(tokens[:, i * 5 + j], x[:, :, i, j])
+    square = torch.randn(2, 3, 4, 4)
+    assert torch.equal(to_image(to_tokens(square), 4), square)
+
+
+def test_dit_sincos_pos_embed_layout():
+    dim, size = 16, 3
+    emb = sincos_pos_embed_2d(dim, size)
+    omega = 10000.0 ** (-torch.arange(4, dtype=torch.float64) / 4)
+    for i in range(size):
+        for j in range(size):
+            expected = torch.cat([(j * omega).sin(), (j * omega).cos(), (i * omega).sin(), (i * omega).cos()])
+            torch.testing.assert_close(emb[i * size + j], expected.float())
+
+
+@pytest.mark.parametrize("kind", ["lightning", "dh"])
+def test_dit_batch_size_invariance(kind):
+    model = _dit_tiny(kind, perturb=True)
+    x, t, y = _dit_inputs(batch=4)
+    with torch.no_grad():
+        full = model(x, t, y)
+        single = torch.cat([model(x[i:i + 1], t[i:i + 1], y[i:i + 1]) for i in range(4)])
+    torch.testing.assert_close(full, single, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["lightning", "dh"])
+def test_dit_bf16_autocast_cpu(kind):
+    model = _dit_tiny(kind, perturb=True)
+    x, t, y = _dit_inputs()
+    with torch.no_grad():
+        ref = model(x, t, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, t, y)
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    assert ((out.float() - ref).norm() / ref.norm()) < 0.05
+
+
+def test_dit_rejects_bad_inputs():
+    model = _dit_tiny("dh")
+    x, t, y = _dit_inputs()
+    with pytest.raises(ValueError, match=r"x must have shape \[B, 8, 4, 4\]"):
+        model(torch.randn(3, 7, 4, 4), t, y)
+    with pytest.raises(ValueError, match=r"x must have shape"):
+        model(torch.randn(3, 8, 16), t, y)
+    with pytest.raises(ValueError, match=r"t must be a float tensor of shape \[3\]"):
+        model(x, t[:, None], y)
+    with pytest.raises(ValueError, match=r"t must be a float tensor"):
+        model(x, 0.5, y)
+    with pytest.raises(ValueError, match=r"y must be a long tensor of shape \[3\]"):
+        model(x, t, y.float())
+    with pytest.raises(ValueError, match=r"head dimension divisible by 4"):
+        LightningDiT(input_size=4, in_channels=8, num_classes=10, hidden_size=36, depth=1, num_heads=6)
