@@ -613,3 +613,431 @@ def test_dit_rejects_bad_inputs():
         model(x, t, y.float())
     with pytest.raises(ValueError, match=r"head dimension divisible by 4"):
         LightningDiT(input_size=4, in_channels=8, num_classes=10, hidden_size=36, depth=1, num_heads=6)
+
+
+"""Tests of losses.py and train_utils.py (CPU, fast)."""
+import argparse
+import io
+import json
+import math
+import os
+import random
+import signal
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import losses
+import train_utils
+from losses import adaptive_weight, alignment_loss, build_lpips, hinge_d_loss, hinge_g_loss
+from train_utils import (CheckpointManager, ImageFolderDataset, Logger, NonFiniteGuard, PreemptionHandler,
+                         ResumableSampler, all_finite, center_crop_arr, check_batch, collate_skip, make_loader,
+                         random_flip, restore_rng_states, rng_state, save_image_grid, seed_everything, set_rng_state)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# losses.py
+
+def test_alignment_loss_values_and_gradient():
+    z = torch.randn(2, 5, 8)
+    assert alignment_loss(z, z).abs().item() < 1e-6
+    assert alignment_loss(z, 3.7 * z).abs().item() < 1e-6  # cosine ignores the norm
+    assert abs(alignment_loss(z, -z).item() - 2) < 1e-6
+    e = torch.eye(8)
+    assert abs(alignment_loss(e[None, :4], e[None, 4:]).item() - 1) < 1e-6  # orthogonal tokens
+    z_s = torch.randn(2, 5, 8, requires_grad=True)
+    z_t = torch.randn(2, 5, 8)
+    expected = torch.stack([1 - (z_s[b, n] @ z_t[b, n]) / (z_s[b, n].norm() * z_t[b, n].norm())
+                            for b in range(2) for n in range(5)]).mean()
+    loss = alignment_loss(z_s, z_t)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert z_s.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="shapes differ"):
+        alignment_loss(z_s, z_t[:, :4])
+
+
+def test_hinge_losses_by_hand():
+    real = torch.tensor([2.0, 0.5, -1.0])
+    fake = torch.tensor([-2.0, 0.0, 1.0])
+    # relu(1 - real) = [0, 0.5, 2], relu(1 + fake) = [0, 1, 2]
+    assert abs(hinge_d_loss(real, fake).item() - 0.5 * (2.5 / 3 + 3 / 3)) < 1e-6
+    assert abs(hinge_g_loss(fake).item() - (-(-2.0 + 0.0 + 1.0) / 3)) < 1e-6
+    assert hinge_d_loss(torch.full((4,), 3.0), torch.full((4,), -3.0)).item() == 0  # confident D: no loss
+
+
+def test_adaptive_weight_equals_gradient_norm_ratio():
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.SiLU())
+    last = nn.Conv2d(8, 3, 1)  # linear per pixel: ∇_W of a loss is Σ_pixels ∂L/∂out ⊗ h
+    z, target, a = torch.randn(2, 4, 6, 6), torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6)
+    h = body(z)
+    out = last(h)
+    rec = 0.5 * ((out - target) ** 2).sum()
+    g = (a * out).sum()
+    grad_rec = torch.einsum("bchw,bdhw->cd", out - target, h)
+    grad_g = torch.einsum("bchw,bdhw->cd", a, h)
+    expected = grad_rec.norm() / (grad_g.norm() + 1e-6)
+    lam = adaptive_weight(rec, g, last.weight)
+    torch.testing.assert_close(lam, expected.detach(), rtol=1e-5, atol=0)
+    assert lam.dtype == torch.float32 and not lam.requires_grad
+    (rec + lam * g).backward()  # the graph is retained for the real backward pass
+
+    # A nonlinear "discriminator": compare with two separate backward passes.
+    last.zero_grad()
+    out = last(body(z))
+    rec = (out - target).abs().mean()
+    g = -torch.tanh(out.mean(dim=(1, 2, 3))).mean()
+    lam = adaptive_weight(rec, g, last.weight)
+    rec.backward(retain_graph=True)
+    n_rec = last.weight.grad.norm()
+    last.zero_grad()
+    g.backward()
+    n_g = last.weight.grad.norm()
+    torch.testing.assert_close(lam, n_rec / (n_g + 1e-6), rtol=1e-5, atol=0)
+
+    out = last(body(z))
+    lam = adaptive_weight(out.abs().mean(), 0 * out.sum(), last.weight)  # no adversarial gradient → clamped
+    assert lam.item() == 1e4
+
+
+def test_lpips_random_backbone():
+    net = build_lpips(pretrained=False)
+    assert not net.training and all(not p.requires_grad for p in net.parameters())
+    net.train()
+    assert not net.training and not net.net.lin0.training  # dropout of the linear heads stays off
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    d = net(x, x)
+    assert d.shape == (3,) and d.abs().max().item() < 1e-6
+    y = (x + 0.3 * torch.randn_like(x)).requires_grad_(True)
+    d = net(x, y)
+    assert d.shape == (3,) and (d > 0).all()
+    d.sum().backward()
+    assert y.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="LPIPS expects"):
+        net(x, x[:, :, :16])
+
+
+def test_lpips_missing_vgg_names_file_and_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    with pytest.raises(FileNotFoundError) as info:
+        build_lpips(pretrained=True)
+    message = str(info.value)
+    assert "vgg16-397923af.pth" in message
+    assert os.path.join(str(tmp_path), "hub", "checkpoints") in message
+    assert losses.VGG16_URL in message and losses.VGG16_URL.startswith("https://download.pytorch.org/")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# train_utils.py: checkpoints
+
+def test_checkpoint_atomic_save_latest_and_pruning(tmp_path):
+    manager = CheckpointManager(str(tmp_path / "ckpt"), keep=3)
+    for step in range(1, 6):
+        manager.save({"step": step, "w": torch.full((4,), float(step)), "args": {"lr": 1e-4}}, step)
+    names = sorted(os.listdir(tmp_path / "ckpt"))
+    assert names == ["ckpt_0000003.pt", "ckpt_0000004.pt", "ckpt_0000005.pt", "latest"]  # no temp files left
+    assert (tmp_path / "ckpt" / "latest").read_text() == "ckpt_0000005.pt"
+    state = manager.load("auto")
+    assert state["step"] == 5 and torch.equal(state["w"], torch.full((4,), 5.0))
+    assert manager.loaded_path.endswith("ckpt_0000005.pt")
+    assert manager.load(str(tmp_path / "ckpt" / "ckpt_0000003.pt"))["step"] == 3
+    # Saving an older step (resumed from it) never deletes the checkpoint just written, and `latest` follows it.
+    manager.save({"step": 2}, 2)
+    assert (tmp_path / "ckpt" / "latest").read_text() == "ckpt_0000002.pt"
+    assert manager.load("auto")["step"] == 2
+
+
+def test_checkpoint_corrupt_newest_falls_back(tmp_path):
+    manager = CheckpointManager(str(tmp_path), keep=3)
+    manager.save({"step": 1, "w": torch.randn(1000)}, 1)
+    path = manager.save({"step": 2, "w": torch.randn(1000)}, 2)
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:len(data) // 2])  # a truncated write
+    with pytest.warns(UserWarning, match="ckpt_0000002.pt"):
+        state = manager.load("auto")
+    assert state["step"] == 1 and manager.loaded_path.endswith("ckpt_0000001.pt")
+    with open(manager.loaded_path, "wb") as f:
+        f.write(os.urandom(100))
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="no readable checkpoint"):
+        manager.load("auto")
+
+
+def test_checkpoint_empty_or_missing_folder_and_bad_state(tmp_path):
+    assert CheckpointManager(str(tmp_path)).load("auto") is None
+    assert CheckpointManager(str(tmp_path / "missing")).load("auto") is None
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        CheckpointManager(str(tmp_path)).load(str(tmp_path / "nope.pt"))
+    with pytest.raises(TypeError, match=r"state\['args'\] is a Namespace"):
+        CheckpointManager(str(tmp_path)).save({"args": argparse.Namespace(lr=1)}, 1)
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# train_utils.py: data
+
+def _infra_write_images(folder, n, size=(20, 14), seed=0):
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+            os.path.join(folder, f"img{i}.png"))
+
+
+def test_sampler_shares_cover_permutation_and_resume():
+    shares = []
+    for rank in range(3):
+        sampler = ResumableSampler(10, rank, 3, seed=7)
+        sampler.set_epoch(4)
+        shares.append(list(sampler))
+        assert len(sampler) == 4
+    assert set(sum(shares, [])) == set(range(10)) and len(sum(shares, [])) == 12  # padded to 12
+    g = torch.Generator().manual_seed(7 + 4)
+    order = torch.randperm(10, generator=g).tolist()
+    assert [shares[r][i] for i in range(4) for r in range(3)][:10] == order
+    sampler = ResumableSampler(10, 1, 3, seed=7)
+    sampler.set_epoch(5)
+    straight = list(sampler)
+    assert straight != shares[1]  # a new epoch, a new order
+    for k in range(5):
+        sampler.set_epoch(5, start=k)
+        assert list(sampler) == straight[k:] and len(sampler) == 4 - k
+    with pytest.raises(ValueError, match="outside"):
+        sampler.set_epoch(5, start=5)
+    assert list(ResumableSampler(5, 0, 1, seed=0, shuffle=False)) == [0, 1, 2, 3, 4]
+
+
+def test_loader_iteration_leaves_global_rng_untouched(tmp_path):
+    _infra_write_images(str(tmp_path / "a"), 4)
+    dataset = ImageFolderDataset(str(tmp_path), 8)
+    sampler = ResumableSampler(len(dataset), 0, 1, seed=0)
+    torch.manual_seed(123)
+    before, seed = torch.get_rng_state(), torch.initial_seed()
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        batches = list(make_loader(dataset, 2, sampler, num_workers=0))
+        assert len(batches) == 2 and batches[0][0].shape == (2, 3, 8, 8)
+    assert torch.equal(torch.get_rng_state(), before) and torch.initial_seed() == seed
+    list(torch.utils.data.DataLoader(dataset, batch_size=2))  # a default loader does draw from it
+    assert not torch.equal(torch.get_rng_state(), before)
+
+
+def test_corrupt_image_skipped_with_warning(tmp_path):
+    _infra_write_images(str(tmp_path / "cat"), 2)
+    _infra_write_images(str(tmp_path / "dog"), 1)
+    bad = tmp_path / "dog" / "broken.jpg"
+    bad.write_bytes(os.urandom(2000))
+    dataset = ImageFolderDataset(str(tmp_path), 8)
+    assert dataset.classes == ["cat", "dog"] and list(dataset.labels) == [0, 0, 1, 1]
+    index = [i for i in range(len(dataset)) if dataset.files[i].decode().endswith("broken.jpg")][0]
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        assert dataset[index] is None
+    x, y, skipped = collate_skip([dataset[i] for i in range(len(dataset))])
+    assert skipped == 1 and x.shape == (3, 3, 8, 8) and y.tolist() == [0, 0, 1]
+    assert x.min() >= -1 and x.max() <= 1
+    sampler = ResumableSampler(len(dataset), 0, 1, seed=0)
+    assert sum(s for _, _, s in make_loader(dataset, 2, sampler, num_workers=0)) == 1
+    with pytest.raises(RuntimeError, match="unreadable"):
+        collate_skip([None, None])
+
+
+def test_dataset_empty_missing_and_flat_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageFolderDataset(str(tmp_path / "missing"), 8)
+    (tmp_path / "empty" / "class0").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no images"):
+        ImageFolderDataset(str(tmp_path / "empty"), 8)
+    _infra_write_images(str(tmp_path / "flat"), 3)
+    flat = ImageFolderDataset(str(tmp_path / "flat"), 8)
+    assert len(flat) == 3 and flat.classes == [] and all(flat[i][1] == 0 for i in range(3))
+
+
+def test_center_crop_arr_size_and_scale_invariance():
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 256, (48, 70, 3), dtype=np.uint8))
+    out = center_crop_arr(base, 16)
+    assert out.size == (16, 16)
+    assert center_crop_arr(base.resize((35, 24)), 16).size == (16, 16)
+    assert center_crop_arr(Image.fromarray(rng.integers(0, 256, (9, 13, 3), dtype=np.uint8)), 16).size == (16, 16)
+    # A 2× nearest-upsampled image is BOX-halved back to the base, so it crops to the same result.
+    big = base.resize((140, 96), resample=Image.NEAREST)
+    diff = np.abs(np.asarray(center_crop_arr(big, 16), dtype=int) - np.asarray(out, dtype=int))
+    assert diff.max() <= 1
+
+
+def test_random_flip_uses_generator():
+    x = torch.randn(16, 3, 4, 5)
+    a = random_flip(x, torch.Generator().manual_seed(3))
+    b = random_flip(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    flipped = [torch.equal(a[i], x[i].flip(-1)) for i in range(16)]
+    kept = [torch.equal(a[i], x[i]) for i in range(16)]
+    assert all(f or k for f, k in zip(flipped, kept)) and any(flipped) and any(kept)
+
+
+def _infra_train(root, ckpt_dir, total_steps, stop_at, init_seed):
+    """A miniature trainer; returns the model after total_steps or, with stop_at, after checkpointing there."""
+    seed_everything(init_seed)
+    model = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(3 * 8 * 8, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    flip_gen = torch.Generator().manual_seed(init_seed)
+    dataset = ImageFolderDataset(root, 8)
+    sampler = ResumableSampler(len(dataset), 0, 1, seed=11)
+    loader = make_loader(dataset, 2, sampler, num_workers=0)
+    manager = CheckpointManager(ckpt_dir)
+    step, epoch, start = 0, 0, 0
+    state = manager.load("auto")
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, epoch, start = state["step"], state["epoch"], state["start"]
+        flip_gen.set_state(state["flip"])
+        restore_rng_states(state["rng"], 0, 1)
+    while step < total_steps:
+        sampler.set_epoch(epoch, start=start)
+        for x, y, _ in loader:
+            x = random_flip(x, flip_gen)
+            loss = F.cross_entropy(model(x + 0.1 * torch.randn_like(x)), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step, start = step + 1, start + 2
+            if step == stop_at:
+                manager.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "epoch": epoch,
+                              "start": start, "flip": flip_gen.get_state(),
+                              "rng": train_utils.gather_rng_states(1)}, step)
+                return model
+            if step == total_steps:
+                return model
+        epoch, start = epoch + 1, 0
+    return model
+
+
+def test_resume_is_bit_identical(tmp_path):
+    _infra_write_images(str(tmp_path / "data" / "a"), 3)
+    _infra_write_images(str(tmp_path / "data" / "b"), 4, seed=1)  # 7 images, batch 2: 3 steps per epoch
+    root = str(tmp_path / "data")
+    straight = _infra_train(root, str(tmp_path / "run1"), 8, None, init_seed=0)
+    _infra_train(root, str(tmp_path / "run2"), 8, 4, init_seed=0)
+    resumed = _infra_train(root, str(tmp_path / "run2"), 8, None, init_seed=99)
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# train_utils.py: RNG, preemption, non-finite steps, logging
+
+def test_rng_state_round_trip_through_weights_only_file():
+    seed_everything(5)
+    random.gauss(0, 1)  # leaves a cached gaussian in python's and numpy's state
+    np.random.randn(3)
+    buffer = io.BytesIO()
+    torch.save(rng_state(), buffer)
+    first = (torch.rand(4), random.random(), random.gauss(0, 1), np.random.randn(5))
+    buffer.seek(0)
+    set_rng_state(torch.load(buffer, weights_only=True))
+    second = (torch.rand(4), random.random(), random.gauss(0, 1), np.random.randn(5))
+    assert torch.equal(first[0], second[0]) and first[1:3] == second[1:3] and np.array_equal(first[3], second[3])
+    with pytest.warns(UserWarning, match="not restored"):
+        restore_rng_states([rng_state()], 0, 2)
+
+
+def test_preemption_signal_sets_should_stop():
+    previous = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)
+    handler = PreemptionHandler()
+    try:
+        assert not handler.should_stop()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert handler.should_stop() and handler.received == signal.SIGUSR1
+    finally:
+        handler.restore()
+    assert (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)) == previous
+
+
+def test_non_finite_guard_and_all_finite():
+    guard = NonFiniteGuard(max_in_a_row=3)
+    assert not guard.step_ok(False) and not guard.step_ok(False)
+    assert guard.step_ok(True) and guard.in_a_row == 0  # a good step resets the streak
+    guard.step_ok(False)
+    guard.step_ok(False)
+    with pytest.raises(RuntimeError, match="3 consecutive steps"):
+        guard.step_ok(False)
+    assert guard.skipped_total == 5
+    p = nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    q = nn.Parameter(torch.ones(2))  # no gradient: ignored
+    assert all_finite(torch.tensor(0.5), [p, q])
+    assert not all_finite(torch.tensor(math.inf), [p])
+    p.grad[1] = math.nan
+    assert not all_finite(torch.tensor(0.5), [p])
+
+
+def test_logger_image_grid_and_batch_check(tmp_path, capsys):
+    logger = Logger(str(tmp_path / "out"), enabled=True)
+    logger.log(100, {"loss": torch.tensor(0.123456), "lr": 1e-4, "img/s": 123.44})
+    logger.log(200, {"loss": 0.5})
+    lines = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    assert [e["step"] for e in lines] == [100, 200] and abs(lines[0]["loss"] - 0.123456) < 1e-6
+    assert "step 100 | loss 0.1235 | lr 0.0001 | img/s 123.4" in capsys.readouterr().out
+    Logger(str(tmp_path / "off"), enabled=False).log(1, {"loss": 1.0})
+    assert not (tmp_path / "off").exists()
+
+    images = torch.ones(4, 3, 8, 8) * 5  # out of range: clamped to white
+    images[0] = -1
+    path = tmp_path / "deep" / "dir" / "grid.png"
+    save_image_grid(images, str(path), nrow=2)
+    grid = np.asarray(Image.open(path))
+    assert grid.shape == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2, 3)
+    assert grid[2:10, 2:10].max() == 0 and grid[2:10, 12:20].min() == 255
+
+    assert check_batch(256, 8) == 32
+    with pytest.raises(ValueError, match="multiple of the world size"):
+        check_batch(100, 8)
+
+
+def _infra_dist_worker(rank, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.cuda.is_available = lambda: False  # exercise the gloo path even on a GPU machine
+    r, world_size, device = train_utils.setup_distributed()
+    try:
+        assert (r, world_size, device.type) == (rank, 2, "cpu") and train_utils.is_main() == (rank == 0)
+        p = nn.Parameter(torch.ones(3))
+        p.grad = torch.ones(3)
+        assert all_finite(torch.tensor(1.0), [p])
+        if rank == 1:
+            p.grad[0] = math.nan
+        assert not all_finite(torch.tensor(1.0), [p])  # one rank's NaN stops both
+        handler = PreemptionHandler()
+        try:
+            assert not handler.should_stop()
+            if rank == 0:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            assert handler.should_stop()  # agreed: rank 1 got no signal
+        finally:
+            handler.restore()
+        torch.manual_seed(rank)
+        states = train_utils.gather_rng_states(2)
+        assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
+        train_utils.barrier()
+    finally:
+        train_utils.cleanup_distributed()
+
+
+def test_two_process_gloo_agreement():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork rather than spawn: the children skip re-importing torch and the test module (seconds each on 2 cores)
+    torch.multiprocessing.start_processes(_infra_dist_worker, args=(port,), nprocs=2, start_method="fork")
