@@ -13,7 +13,6 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -373,7 +372,7 @@ def load_dinov3(path_or_state_dict, arch=None):
 class StemResBlock(nn.Module):
     def __init__(self, ch):
         super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(32, ch), nn.Conv2d(ch, ch, 3, padding=1)
+        self.norm1, self.conv1 = nn.GroupNorm(32, ch), nn.Conv2d(ch, ch, 3, padding=1, bias=False)  # norm2 follows
         self.norm2, self.conv2 = nn.GroupNorm(32, ch), nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x):
@@ -457,6 +456,22 @@ class RMSNorm2d(nn.Module):
         return (y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)).to(x.dtype)
 
 
+class AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over ranks: every rank's loss depends on the sum, so the gradients are summed as well."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the global batch across DDP ranks, on any backend (torch's
     SyncBatchNorm is GPU-only), so N ranks train exactly like one process on the same global batch."""
@@ -466,10 +481,10 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         xf, C = x.float(), x.shape[1]
         count = torch.full((1,), x.numel() / C, device=x.device)
-        stats = dist_nn.all_reduce(torch.cat([xf.sum((0, 2, 3)), xf.square().sum((0, 2, 3)), count]))
-        n = stats[-1]
-        mean = stats[:C] / n
-        var = stats[C:2 * C] / n - mean.square()
+        sums = AllReduceSum.apply(torch.cat([xf.sum((0, 2, 3)), count]))
+        n = sums[-1]
+        mean = sums[:C] / n
+        var = AllReduceSum.apply((xf - mean.view(1, C, 1, 1)).square().sum((0, 2, 3))) / n  # two passes: no cancellation
         with torch.no_grad():
             self.running_mean.lerp_(mean, self.momentum)
             self.running_var.lerp_(var * n / (n - 1), self.momentum)

@@ -245,7 +245,7 @@ def train(args):
     out_dir = os.path.join(args.out, f"stage{args.stage}")
     dataset = build_dataset(args)  # a missing or empty folder fails before any model is built
     config = build_config(args)
-    tu.seed_everything(args.seed + rank)
+    tu.seed_everything(args.seed)  # identical models on every rank (LPIPS's random trunk in tests is not DDP-synced)
     logger = tu.Logger(out_dir, tu.is_main())
 
     ae = build_autoencoder(config).to(device)
@@ -258,6 +258,7 @@ def train(args):
     opt = torch.optim.AdamW(params, lr=stage["lr"], betas=stage["betas"], weight_decay=0.0)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=stage["lr"], betas=stage["betas"], weight_decay=0.0) if disc else None
 
+    tu.seed_everything(args.seed + rank)  # per-rank streams for DiffAugment and latent noise
     ckpts = tu.CheckpointManager(out_dir, keep=args.keep)
     state = ckpts.load(args.resume) if args.resume != "none" else None
     progress = dict(step=0, epoch=0, step_in_epoch=0, skipped_images=0, nonfinite=0)

@@ -1,0 +1,317 @@
+"""Semantic preservation of the DINO-SAE encoder (paper Fig. 4 and its linear probe; SPEC §5): does the student —
+the frozen DINOv3 transformer fed by the trained conv stem — still carry the teacher's semantics, and how does the
+decoder respond to latents off the sphere it was trained on?
+
+  linear     linear probe top-1/top-5 on frozen teacher vs student features (paper: 89% -> 87% on ImageNet). Feature of
+             an image (the standard DINO linear-probe feature): the normed cls token concatenated with the mean of the
+             normed patch tokens, [2D]. Teacher: DINOv3 on the patch embedding; student: the same transformer on the
+             stem's output. Recipe, identical for both (CLIP's protocol with a fixed L2 instead of a sweep):
+             features standardised with the train set's mean and std, multinomial logistic regression (zero-initialised
+             linear layer, mean cross-entropy + 1e-4/2·||W||²) fitted full-batch by L-BFGS until converged (at most
+             1000 iterations), evaluated on val. Deterministic, with no learning rate or epoch budget to tune: the
+             numbers measure linear separability rather than an optimiser's schedule.
+  pca        PCA maps (Fig. 4): rows = images, columns image | teacher | student. One PCA per model, fitted on the
+             patch tokens of all the shown images together (so colours are comparable across rows); the top-3
+             components, each min-max scaled over those tokens, are the RGB channels; each student channel is
+             sign-aligned with the teacher's; maps are upsampled with nearest to the image size.
+  magnitude  decode z·s for each factor s and report the PSNR of the decoded images against the originals. The
+             decoder is trained only on the sphere of radius R (SPEC §2.1, D1), so this measures how much of the
+             image the direction alone carries when the magnitude is wrong (the paper's magnitude-invariance view).
+
+PSNR is per image on uint8 images (peak 255), averaged (SPEC §5, fid.psnr). Usage:
+
+    python probe.py linear --ae runs/ae/stage4 --train-data /data/imagenet/train --val-data /data/imagenet/val
+    python probe.py pca --ae runs/ae/stage4 --data /data/imagenet/val --out pca_maps.png
+    python probe.py magnitude --ae runs/ae/stage4 --data /data/imagenet/val --factors 0.5 1 2 4
+    python probe.py linear --preset tiny      # tiny AE of `train_ae.py --preset tiny`, synthetic images and labels
+"""
+import argparse
+import json
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import train_utils as tu
+from fid import psnr
+from model import imagenet_normalize
+from train_ae import SyntheticImages, load_autoencoder
+
+
+def default_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device):
+    """bf16 on CUDA; fp32 on CPU, where bf16 is emulated and slower."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+#################################################################################
+#                               Linear probe                                    #
+#################################################################################
+
+def probe_feature(out):
+    """Official DINO output dict -> cls token ⊕ mean of the patch tokens, [B, 2D]."""
+    return torch.cat([out["x_norm_clstoken"], out["x_norm_patchtokens"].mean(1)], dim=-1).float()
+
+
+@torch.no_grad()
+def extract_features(ae, loader, device, progress=True):
+    """Frozen features of every image of `loader` (yielding (x, y, n_skipped)) -> dict(teacher, student [N, 2D] float32,
+    labels [N] int64), on CPU."""
+    vit, stem = ae.encoder.vit, ae.encoder.stem
+    feats = {"teacher": [], "student": [], "labels": []}
+    for x, y, _ in tqdm(loader, desc="features", disable=not progress, dynamic_ncols=True):
+        x = imagenet_normalize(x.to(device))
+        with autocast(device):
+            feats["teacher"].append(probe_feature(vit.forward_features(x)).cpu())
+            feats["student"].append(probe_feature(vit.features_from_patches(stem(x))).cpu())
+        feats["labels"].append(y)
+    return {k: torch.cat(v) for k, v in feats.items()}
+
+
+def check_probe_inputs(train_feats, train_labels, val_feats, val_labels):
+    for name, f, y in (("train", train_feats, train_labels), ("val", val_feats, val_labels)):
+        if f.ndim != 2 or y.ndim != 1 or f.shape[0] != y.shape[0]:
+            raise ValueError(f"{name}: expected features [N, D] and labels [N], got {list(f.shape)} and "
+                             f"{list(y.shape)}")
+        if y.numel() and y.min() < 0:
+            raise ValueError(f"{name}: labels must be non-negative class indices")
+    if train_feats.shape[1] != val_feats.shape[1]:
+        raise ValueError(f"train features have dim {train_feats.shape[1]}, val features {val_feats.shape[1]}")
+    if train_labels.unique().numel() < 2 or val_labels.numel() == 0:
+        raise ValueError("the linear probe needs train images of at least 2 classes and at least one val image")
+
+
+def train_linear_probe(train_feats, train_labels, val_feats, val_labels, l2=1e-4, max_iter=1000, device="cpu",
+                       chunk=65536):
+    """Fit the linear classifier of the module docstring on the train features -> dict(top1, top5) on val, as
+    fractions. Top-5 is top-min(5, classes). The standardised train features sit on `device` (ImageNet, ViT-L:
+    1.28M x 2048 fp32 = 10.5 GB); logits are computed `chunk` rows at a time."""
+    check_probe_inputs(train_feats, train_labels, val_feats, val_labels)
+    num_classes = int(max(train_labels.max(), val_labels.max())) + 1
+    mean, std = train_feats.mean(0), train_feats.std(0) + 1e-6
+    x, y = ((train_feats - mean) / std).to(device), train_labels.to(device)
+    head = nn.Linear(x.shape[1], num_classes).to(device)
+    nn.init.zeros_(head.weight)  # strictly convex objective: a fixed start and full batches make it deterministic
+    nn.init.zeros_(head.bias)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-6, tolerance_change=1e-9)
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        total = 0.5 * l2 * head.weight.square().sum()
+        total.backward()
+        for xb, yb in zip(x.split(chunk), y.split(chunk)):  # backward per chunk: memory of one chunk's logits
+            loss = F.cross_entropy(head(xb), yb, reduction="sum") / len(x)
+            loss.backward()
+            total = total.detach() + loss.detach()
+        return total
+
+    opt.step(closure)
+    with torch.no_grad():
+        top = torch.cat([head(((f - mean) / std).to(device)).topk(min(5, num_classes), dim=1).indices.cpu()
+                         for f in val_feats.split(chunk)])
+    hits = top == val_labels[:, None]
+    return {"top1": hits[:, 0].float().mean().item(), "top5": hits.any(1).float().mean().item()}
+
+
+def linear_probe(ae, train_loader, val_loader, device, progress=True):
+    """Teacher vs student linear probe -> {"teacher": {top1, top5}, "student": {top1, top5}, ...}."""
+    train = extract_features(ae, train_loader, device, progress)
+    val = extract_features(ae, val_loader, device, progress)
+    result = {}
+    for name in ("teacher", "student"):
+        result[name] = train_linear_probe(train[name], train["labels"], val[name], val["labels"], device=device)
+    return dict(result, num_train=len(train["labels"]), num_val=len(val["labels"]),
+                feature_dim=train["teacher"].shape[1])
+
+
+#################################################################################
+#                                 PCA maps                                      #
+#################################################################################
+
+def pca_rgb(tokens, h, w):
+    """Patch tokens [B, h·w, D] -> top-3 principal components as RGB maps [B, 3, h, w] in [0, 1].
+
+    One PCA over all B·h·w tokens; each component's sign makes its largest loading positive (deterministic colours)
+    and its projection is min-max scaled over all tokens."""
+    if tokens.ndim != 3 or tokens.shape[1] != h * w or tokens.shape[2] < 3:
+        raise ValueError(f"expected tokens [B, {h}*{w}, D>=3], got {list(tokens.shape)}")
+    x = tokens.detach().reshape(-1, tokens.shape[2]).double().cpu()
+    x = x - x.mean(0)
+    _, vecs = torch.linalg.eigh(x.T @ x)  # eigenvalues ascending
+    comps = vecs[:, -3:].flip(1)
+    comps = comps * comps.gather(0, comps.abs().argmax(0, keepdim=True)).sign()
+    proj = x @ comps
+    lo, hi = proj.min(0).values, proj.max(0).values
+    rgb = (proj - lo) / (hi - lo).clamp_min(1e-12)
+    return rgb.float().reshape(tokens.shape[0], h, w, 3).permute(0, 3, 1, 2)
+
+
+def align_signs(rgb, reference):
+    """Flip (c -> 1 - c) each channel of rgb that anti-correlates with the same channel of reference: a component's
+    sign is arbitrary, and matching it makes teacher and student maps comparable by eye."""
+    a = rgb - rgb.mean((0, 2, 3), keepdim=True)
+    b = reference - reference.mean((0, 2, 3), keepdim=True)
+    flip = (a * b).sum((0, 2, 3), keepdim=True) < 0
+    return torch.where(flip, 1 - rgb, rgb)
+
+
+@torch.no_grad()
+def pca_maps(ae, images, path):
+    """Save the Fig. 4 grid for images [B, 3, H, W] in [-1, 1] to `path` -> the grid's images [3B, 3, H, W]."""
+    device = next(ae.decoder.parameters()).device
+    x = images.to(device)
+    p = ae.encoder.vit.patch_size
+    h, w = x.shape[2] // p, x.shape[3] // p
+    with autocast(device):
+        z_t, z_s = ae.encoder.teacher_tokens(x), ae.encoder.student_tokens(x)
+    teacher = pca_rgb(z_t, h, w)
+    student = align_signs(pca_rgb(z_s, h, w), teacher)
+    up = lambda rgb: F.interpolate(rgb, size=x.shape[2:], mode="nearest") * 2 - 1
+    grid = torch.stack([images.float().cpu(), up(teacher), up(student)], dim=1).flatten(0, 1)
+    tu.save_image_grid(grid, path, nrow=3)
+    return grid
+
+
+#################################################################################
+#                           Magnitude invariance                                #
+#################################################################################
+
+def to_uint8(x):
+    """[-1, 1] images [B, 3, H, W] -> uint8 [B, H, W, 3] as samples are saved (SPEC §5): exact for dataset images."""
+    return (127.5 * x.float() + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+@torch.no_grad()
+def magnitude_psnr(ae, images, factors, batch_size=32, progress=True):
+    """Mean PSNR of decoder(z · factor) against images [N, 3, H, W] in [-1, 1], for each factor -> {factor: psnr}."""
+    if not len(factors):
+        raise ValueError("magnitude_psnr needs at least one factor")
+    device = next(ae.decoder.parameters()).device
+    values = {float(f): [] for f in factors}
+    for x in tqdm(images.split(batch_size), desc="magnitude", disable=not progress, dynamic_ncols=True):
+        x = x.to(device)
+        with autocast(device):
+            z = ae.encoder.encode(x)
+            for f in values:
+                values[f].append(psnr(to_uint8(ae.decoder(z * f)), to_uint8(x)).cpu())
+    return {f: torch.cat(v).mean().item() for f, v in values.items()}
+
+
+#################################################################################
+#                                     CLI                                       #
+#################################################################################
+
+def image_dataset(folder, config, num_synthetic, seed):
+    """An image folder (ADM center crop to the AE's size) or, without one (tiny preset), synthetic images."""
+    if folder:
+        return tu.ImageFolderDataset(folder, config["image_size"])
+    return SyntheticImages(num_items=num_synthetic, image_size=config["image_size"], seed=seed)
+
+
+def eval_loader(dataset, args):
+    """All images in order, the last partial batch included; unreadable images are dropped (tu.collate_skip)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                                       num_workers=args.num_workers, collate_fn=tu.collate_skip)
+
+
+def spread_images(dataset, n, args):
+    """n images evenly spaced over the dataset (every class of a sorted ImageFolder gets a turn) -> [n', 3, H, W]."""
+    idx = torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().long().unique().tolist()
+    return torch.cat([x for x, _, _ in eval_loader(torch.utils.data.Subset(dataset, idx), args)])
+
+
+def load_ae(args, device):
+    if not os.path.exists(args.ae):
+        raise FileNotFoundError(f"no autoencoder checkpoint at {args.ae}: train one with train_ae.py (stages 1-4; "
+                                "--preset tiny writes runs/tiny/ae/stage4) or pass --ae")
+    return load_autoencoder(args.ae, device, dino_weights=args.dino_weights)
+
+
+def report(result, args):
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+
+
+def run_linear(args, ae, config, device):
+    train = image_dataset(args.train_data, config, args.num_images, seed=args.seed)
+    val = image_dataset(args.val_data, config, max(args.num_images // 4, 8), seed=args.seed + 1)
+    if args.train_data and (train.classes != val.classes or len(train.classes) < 2):
+        raise ValueError(f"{args.train_data} and {args.val_data} must have the same class subfolders, at least 2 "
+                         f"(found {len(train.classes)} and {len(val.classes)}): labels are the sorted subfolder names")
+    report(linear_probe(ae, eval_loader(train, args), eval_loader(val, args), device), args)
+
+
+def run_pca(args, ae, config, device):
+    images = spread_images(image_dataset(args.data, config, args.num_images, args.seed), args.num_images, args)
+    pca_maps(ae, images, args.out)
+    print(f"saved PCA maps of {len(images)} images (image | teacher | student) to {args.out}")
+
+
+def run_magnitude(args, ae, config, device):
+    images = spread_images(image_dataset(args.data, config, args.num_images, args.seed), args.num_images, args)
+    result = magnitude_psnr(ae, images, args.factors, batch_size=args.batch_size)
+    report({"psnr": {str(f): v for f, v in result.items()}, "num_images": len(images)}, args)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--ae", help="train_ae.py checkpoint file or stage folder (default runs/ae/stage4, "
+                                     "runs/tiny/ae/stage4 with --preset tiny)")
+    common.add_argument("--preset", choices=["full", "tiny"], default="full",
+                        help="tiny: the tiny AE and, without image folders, synthetic images with their class labels")
+    common.add_argument("--dino-weights", help="DINOv3 file, when it is no longer where the checkpoint's config says")
+    common.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    common.add_argument("--num-workers", type=int, default=8)
+    common.add_argument("--seed", type=int, default=0)
+    linear = sub.add_parser("linear", parents=[common], help="linear probe, teacher vs student (JSON)")
+    linear.add_argument("--train-data", help="ImageFolder with class subfolders (ImageNet train)")
+    linear.add_argument("--val-data", help="ImageFolder with the same class subfolders (ImageNet val)")
+    linear.add_argument("--num-images", type=int, default=512, help="synthetic train images (val: a quarter)")
+    linear.add_argument("--json", help="also write the result to this file")
+    pca = sub.add_parser("pca", parents=[common], help="PCA maps, image | teacher | student (PNG)")
+    pca.add_argument("--data", help="image folder")
+    pca.add_argument("--out", default="pca_maps.png")
+    pca.add_argument("--num-images", type=int, default=8)
+    magnitude = sub.add_parser("magnitude", parents=[common], help="PSNR of decoded z·factor (JSON)")
+    magnitude.add_argument("--data", help="image folder (e.g. ImageNet val)")
+    magnitude.add_argument("--factors", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
+    magnitude.add_argument("--num-images", type=int, default=256)
+    magnitude.add_argument("--json", help="also write the result to this file")
+    args = p.parse_args(argv)
+    if args.preset == "tiny":
+        defaults = dict(batch_size=32, num_workers=0)
+        for key, value in defaults.items():
+            if getattr(args, key) == sub.choices[args.command].get_default(key):
+                setattr(args, key, value)
+    args.ae = args.ae or ("runs/tiny/ae/stage4" if args.preset == "tiny" else "runs/ae/stage4")
+    if args.batch_size < 1 or args.num_images < 1:
+        raise ValueError("--batch-size and --num-images must be positive")
+    folders = [args.train_data, args.val_data] if args.command == "linear" else [args.data]
+    if any(folders) and not all(folders):
+        raise ValueError("give both --train-data and --val-data (or neither, with --preset tiny)")
+    if args.preset == "full" and not all(folders):
+        raise ValueError("an image folder is required (--data, or --train-data and --val-data) unless --preset tiny")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = default_device()
+    ae, config = load_ae(args, device)
+    {"linear": run_linear, "pca": run_pca, "magnitude": run_magnitude}[args.command](args, ae, config, device)
+
+
+if __name__ == "__main__":
+    main()
