@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from scipy.special import xlogy
 from tqdm import tqdm
 
+from train_utils import IMAGE_EXTENSIONS, center_crop_arr
+
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_NAME}"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The FID Inception: torchvision's Inception3 layout and key names with pytorch-fid's changes (TF semantics).
@@ -416,18 +417,6 @@ def paired_metrics(recons, originals, lpips_net, batch_size=50, progress=True):
 # Images and reference statistics
 
 
-def center_crop_arr(pil_image, size):
-    """ADM center crop: BOX-halve while the short side is >= 2·size, bicubic short side to size, center crop."""
-    from PIL import Image
-    while min(*pil_image.size) >= 2 * size:
-        pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
-    scale = size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(s * scale) for s in pil_image.size), resample=Image.BICUBIC)
-    arr = np.asarray(pil_image)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top:top + size, left:left + size]
-
-
 class ImageFolder:
     """The images under `root` (recursively, sorted paths), read lazily and center-cropped to size x size; sliceable
     like a uint8 [N,size,size,3] array so that large folders never sit in memory at once."""
@@ -449,7 +438,7 @@ class ImageFolder:
         crops = []
         for path in self.paths[index]:
             with Image.open(path) as im:
-                crops.append(center_crop_arr(im.convert("RGB"), self.shape[1]))
+                crops.append(np.asarray(center_crop_arr(im.convert("RGB"), self.shape[1])))
         return np.stack(crops)
 
 
@@ -570,5 +559,5 @@ if __name__ == "__main__":
                                                               "in the same order: add PSNR, SSIM, LPIPS")
     parser.add_argument("--preprocess", choices=list(PREPROCESS), default="adm",
                         help="adm: TF1 bilinear resize, (x-128)/128 (default); pytorch-fid: its conventions")
-    parser.add_argument("--batch_size", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=50)
     main(parser.parse_args())

@@ -37,7 +37,7 @@ from tqdm import tqdm
 import train_utils as tu
 from fid import psnr
 from model import imagenet_normalize
-from train_ae import SyntheticImages, load_autoencoder
+from train_ae import load_autoencoder
 
 
 def default_device():
@@ -211,7 +211,7 @@ def image_dataset(folder, config, num_synthetic, seed):
     """An image folder (ADM center crop to the AE's size) or, without one (tiny preset), synthetic images."""
     if folder:
         return tu.ImageFolderDataset(folder, config["image_size"])
-    return SyntheticImages(num_items=num_synthetic, image_size=config["image_size"], seed=seed)
+    return tu.SyntheticImages(num_items=num_synthetic, image_size=config["image_size"], seed=seed)
 
 
 def eval_loader(dataset, args):

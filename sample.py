@@ -28,7 +28,7 @@ import torch
 import train_utils as tu
 from model import DiT_models
 from rfm import guided_velocity, project_sphere, sample_euler, sample_euler_proj, sample_rodrigues, shift_alpha
-from train_ae import FULL_CONFIG, TINY_CONFIG, SyntheticImages, load_autoencoder, print0
+from train_ae import FULL_CONFIG, TINY_CONFIG, load_autoencoder, print0
 
 SAMPLERS = ("euler-proj", "rodrigues", "euler")
 GRID_IMAGES = 64
@@ -195,7 +195,7 @@ def recon_dataset(args):
         return tu.ImageFolderDataset(args.data, image_size(args))  # ADM center crop, no flip
     if args.preset != "tiny":
         raise ValueError("--recon needs --data (an image folder, e.g. ImageNet val) unless --preset tiny")
-    return SyntheticImages(num_items=args.num_samples or GRID_IMAGES, image_size=image_size(args), seed=args.seed)
+    return tu.SyntheticImages(num_items=args.num_samples or GRID_IMAGES, image_size=image_size(args), seed=args.seed)
 
 
 #################################################################################

@@ -1,20 +1,26 @@
+import argparse
 import functools
+import io
 import json
 import math
 import os
+import random
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import time
 
 import fid
+import losses
 import numpy as np
 import probe
 import pytest
 import rfm
 import sample
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 import train_ae
 import train_dit
@@ -22,11 +28,16 @@ import train_utils as tu
 from PIL import Image
 
 from fid import psnr
+from losses import adaptive_weight, alignment_loss, build_lpips, hinge_d_loss, hinge_g_loss
 from model import (AxialRoPE, ChannelDuplicatingUpsample, DCAE_CONFIGS, dcae_decoder, DCAEDecoder, DinoDiscriminator,
                    DinoSAEEncoder, dinov3_vit, DinoVisionTransformer, DiT_models, DIT_SIZES, DiTDH,
                    imagenet_normalize, LightningDiT, LiteMLA, load_dinov3, RMSNorm2d, RoPEAttention,
                    sincos_pos_embed_2d, to_image, to_tokens, write_safetensors)
-from train_ae import (build_autoencoder, load_autoencoder, make_tiny_weights, SyntheticImages, TINY_CONFIG)
+from train_ae import build_autoencoder, load_autoencoder, make_tiny_weights, TINY_CONFIG
+from train_utils import (all_finite, center_crop_arr, check_batch, CheckpointManager, collate_skip, HorizontalFlip,
+                         ImageFolderDataset, Logger, make_loader, NonFiniteGuard, PreemptionHandler,
+                         restore_rng_states, ResumableSampler, rng_state, save_image_grid, seed_everything,
+                         set_rng_state)
 
 
 # ---- helpers: a tiny DINOv3 in the official layout, and its Hugging Face re-save ----
@@ -634,31 +645,6 @@ def test_dit_rejects_bad_inputs():
         LightningDiT(input_size=4, in_channels=8, num_classes=10, hidden_size=36, depth=1, num_heads=6)
 
 
-"""Tests of losses.py and tu.py (CPU, fast)."""
-import argparse
-import io
-import json
-import math
-import os
-import random
-import signal
-import socket
-
-import numpy as np
-import pytest
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from PIL import Image
-
-import losses
-import train_utils
-from losses import adaptive_weight, alignment_loss, build_lpips, hinge_d_loss, hinge_g_loss
-from train_utils import (CheckpointManager, ImageFolderDataset, Logger, NonFiniteGuard, PreemptionHandler,
-                         ResumableSampler, all_finite, center_crop_arr, check_batch, collate_skip, make_loader,
-                         random_flip, restore_rng_states, rng_state, save_image_grid, seed_everything, set_rng_state)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # losses.py
 
@@ -758,7 +744,7 @@ def test_lpips_missing_vgg_names_file_and_folder(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# tu.py: checkpoints
+# train_utils.py: checkpoints
 
 def test_checkpoint_atomic_save_latest_and_pruning(tmp_path):
     manager = CheckpointManager(str(tmp_path / "ckpt"), keep=3)
@@ -804,7 +790,7 @@ def test_checkpoint_empty_or_missing_folder_and_bad_state(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# tu.py: data
+# train_utils.py: data
 
 def _infra_write_images(folder, n, size=(20, 14), seed=0):
     rng = np.random.default_rng(seed)
@@ -895,14 +881,16 @@ def test_center_crop_arr_size_and_scale_invariance():
     assert diff.max() <= 1
 
 
-def test_random_flip_uses_generator():
-    x = torch.randn(16, 3, 4, 5)
-    a = random_flip(x, torch.Generator().manual_seed(3))
-    b = random_flip(x, torch.Generator().manual_seed(3))
-    assert torch.equal(a, b)
-    flipped = [torch.equal(a[i], x[i].flip(-1)) for i in range(16)]
-    kept = [torch.equal(a[i], x[i]) for i in range(16)]
-    assert all(f or k for f, k in zip(flipped, kept)) and any(flipped) and any(kept)
+def test_horizontal_flip_depends_on_seed_epoch_and_index_only():
+    data = [(torch.randn(3, 4, 5), 0) for _ in range(32)]
+
+    def flips(seed, epoch):
+        dataset = HorizontalFlip(data, seed)
+        dataset.epoch = epoch
+        return [torch.equal(dataset[i][0], data[i][0].flip(-1)) for i in range(32)]
+
+    assert flips(3, 0) == flips(3, 0) and any(flips(3, 0)) and not all(flips(3, 0))
+    assert flips(3, 0) != flips(3, 1) and flips(3, 0) != flips(4, 0)
 
 
 def _infra_train(root, ckpt_dir, total_steps, stop_at, init_seed):
@@ -910,8 +898,7 @@ def _infra_train(root, ckpt_dir, total_steps, stop_at, init_seed):
     seed_everything(init_seed)
     model = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(3 * 8 * 8, 2))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    flip_gen = torch.Generator().manual_seed(init_seed)
-    dataset = ImageFolderDataset(root, 8)
+    dataset = HorizontalFlip(ImageFolderDataset(root, 8), seed=5)
     sampler = ResumableSampler(len(dataset), 0, 1, seed=11)
     loader = make_loader(dataset, 2, sampler, num_workers=0)
     manager = CheckpointManager(ckpt_dir)
@@ -921,12 +908,11 @@ def _infra_train(root, ckpt_dir, total_steps, stop_at, init_seed):
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, epoch, start = state["step"], state["epoch"], state["start"]
-        flip_gen.set_state(state["flip"])
         restore_rng_states(state["rng"], 0, 1)
     while step < total_steps:
         sampler.set_epoch(epoch, start=start)
+        dataset.epoch = epoch
         for x, y, _ in loader:
-            x = random_flip(x, flip_gen)
             loss = F.cross_entropy(model(x + 0.1 * torch.randn_like(x)), y)
             opt.zero_grad()
             loss.backward()
@@ -934,7 +920,7 @@ def _infra_train(root, ckpt_dir, total_steps, stop_at, init_seed):
             step, start = step + 1, start + 2
             if step == stop_at:
                 manager.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "epoch": epoch,
-                              "start": start, "flip": flip_gen.get_state(),
+                              "start": start,
                               "rng": tu.gather_rng_states(1)}, step)
                 return model
             if step == total_steps:
@@ -955,7 +941,7 @@ def test_resume_is_bit_identical(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# tu.py: RNG, preemption, non-finite steps, logging
+# train_utils.py: RNG, preemption, non-finite steps, logging
 
 def test_rng_state_round_trip_through_weights_only_file():
     seed_everything(5)
@@ -1552,7 +1538,7 @@ def test_fid_psnr_ssim_identical_and_closed_forms():
 def test_fid_center_crop_and_image_folder(tmp_path):
     from PIL import Image
     ramp = np.tile(np.linspace(0, 255, 300)[None, :, None], (200, 1, 3)).astype(np.uint8)
-    crop = fid.center_crop_arr(Image.fromarray(ramp), 64)
+    crop = np.asarray(center_crop_arr(Image.fromarray(ramp), 64))
     assert crop.shape == (64, 64, 3) and crop.dtype == np.uint8
     assert abs(int(crop[:, 32].mean()) - 128) <= 3  # the centre column of the ramp stays in the centre
     images = _fid_images(3, 40)
@@ -1612,7 +1598,7 @@ def test_fid_cli_end_to_end(tmp_path):
     here = os.path.dirname(os.path.abspath(fid.__file__))
     proc = subprocess.run([sys.executable, os.path.join(here, "fid.py"), str(tmp_path / "samples.npz"),
                            str(tmp_path / "ref.npz"), "--inception", str(tmp_path / "inception.pth"),
-                           "--json", str(out), "--batch_size", "5"], capture_output=True, text=True, cwd=tmp_path)
+                           "--json", str(out), "--batch-size", "5"], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out.read_text())
     assert set(results) == {"fid", "sfid", "inception_score", "precision", "recall", "num_samples"}
@@ -1646,7 +1632,7 @@ def _probe_tiny_checkpoint(tmp_path):
 
 
 def _probe_images(n, seed=0):
-    data = SyntheticImages(num_items=n, image_size=TINY_CONFIG["image_size"], seed=seed)
+    data = tu.SyntheticImages(num_items=n, image_size=TINY_CONFIG["image_size"], seed=seed)
     return torch.stack([data[i][0] for i in range(n)])
 
 

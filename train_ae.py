@@ -16,9 +16,7 @@ Tiny CPU run (synthetic images, random DINOv3 weights saved in the official layo
     python train_ae.py --stage 1 --preset tiny
 """
 import argparse
-import math
 import os
-import random
 import time
 
 import torch
@@ -59,60 +57,6 @@ TINY_CONFIG = dict(
     decoder=decoder_config("f16-in", latent_channels=128, widths=[16, 32, 32, 64, 128], depths=[0, 1, 1, 1, 1]),
 )
 ARCHITECTURE_KEYS = ("image_size", "stem_widths", "disc_resolution", "decoder")
-
-
-#################################################################################
-#                           Synthetic data (tiny preset)                        #
-#################################################################################
-
-class SyntheticImages(torch.utils.data.Dataset):
-    """Deterministic class-conditional toy images: a coloured shape on a gradient background, drawn from the index.
-
-    The class fixes the shape (disc, square, ring, bars) and its hue, so a conditional generator has something to learn.
-    """
-
-    def __init__(self, num_items=512, image_size=64, num_classes=8, seed=0):
-        self.num_items, self.size, self.num_classes, self.seed = num_items, image_size, num_classes, seed
-
-    def __len__(self):
-        return self.num_items
-
-    def __getitem__(self, index):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        label = index % self.num_classes
-        s = self.size
-        yy, xx = torch.meshgrid(torch.linspace(-1, 1, s), torch.linspace(-1, 1, s), indexing="ij")
-        c0, c1 = torch.rand(3, 1, 1, generator=g) * 0.8 - 0.9, torch.rand(3, 1, 1, generator=g) * 0.8 - 0.9
-        angle = torch.rand(1, generator=g) * 2 * math.pi
-        t = (xx * angle.cos() + yy * angle.sin() + 1.5) / 3
-        img = c0 + (c1 - c0) * t
-        cy, cx = (torch.rand(2, generator=g) - 0.5).tolist()
-        radius = 0.3 + 0.2 * torch.rand(1, generator=g).item()
-        d = ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt()
-        shape = label % 4
-        mask = [d < radius, ((yy - cy).abs() < radius) & ((xx - cx).abs() < radius),
-                (d < radius) & (d > radius * 0.6), ((xx * 6 + cy * 6).floor() % 2 == 0) & (yy.abs() < 0.6)][shape]
-        hue = 2 * math.pi * label / self.num_classes
-        colour = torch.tensor([math.cos(hue), math.cos(hue + 2.1), math.cos(hue + 4.2)]).view(3, 1, 1) * 0.9
-        img = torch.where(mask, colour, img)
-        return img.clamp(-1, 1), label
-
-
-class HorizontalFlip(torch.utils.data.Dataset):
-    """Random horizontal flips decided by (seed, epoch, index), not by a rank's RNG stream: any number of ranks sees
-    exactly the images one process would, and a resumed run sees the same flips as an uninterrupted one."""
-
-    def __init__(self, dataset, seed):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        item = self.dataset[index]
-        if item is None or random.Random(f"{self.seed}-{self.epoch}-{index}").random() >= 0.5:
-            return item
-        return item[0].flip(-1), item[1]
 
 
 #################################################################################
@@ -227,17 +171,6 @@ def discriminator_loss(disc, x, x_hat):
     return hinge_d_loss(disc(x), disc(quantize(x_hat.detach())))
 
 
-def endless_batches(dataset, sampler, batch, progress, num_workers):
-    """Batches forever, epoch after epoch, starting where `progress` says (mid-epoch after a resume)."""
-    while True:
-        dataset.epoch = progress["epoch"]
-        sampler.set_epoch(progress["epoch"], start=progress["step_in_epoch"] * batch)
-        for x, _, n_skipped in tu.make_loader(dataset, batch, sampler, num_workers):
-            yield x, n_skipped
-        progress["epoch"] += 1
-        progress["step_in_epoch"] = 0
-
-
 def train(args):
     stage = dict(STAGES[args.stage], lr=args.lr or STAGES[args.stage]["lr"])
     rank, world, device = tu.setup_distributed()
@@ -274,6 +207,9 @@ def train(args):
     elif args.stage > 1:
         init_from_previous_stage(args, ae, disc, config)
 
+    if args.compile:  # in place: parameter names and checkpoints stay the same
+        for module in [ae.decoder, ae.encoder.stem, *ae.encoder.vit.blocks]:
+            module.compile()
     ddp = lambda m: DDP(m, device_ids=[device] if device.type == "cuda" else None) if world > 1 else m
     ae_ddp, disc_ddp = ddp(ae), disc and ddp(disc)
     sampler = tu.ResumableSampler(len(dataset), rank, world, args.seed)
@@ -298,10 +234,10 @@ def train(args):
            f"batch {args.global_batch}, {total_steps} steps, lr {stage['lr']}, out {out_dir}")
     bar = tu.progress_bar(total_steps, initial=progress["step"], desc=f"AE stage {args.stage}")
     ae_ddp.train()
-    data = endless_batches(dataset, sampler, batch, progress, args.num_workers)
+    data = tu.endless_batches(dataset, sampler, batch, progress, args.num_workers)
     t0, seen = time.time(), 0
     while progress["step"] < total_steps:
-        x, n_skipped = next(data)
+        x, _, n_skipped = next(data)
         x = x.to(device, non_blocking=True)
         if disc is not None:
             disc.requires_grad_(False)  # the generator step needs gradients through D, not into it
@@ -428,13 +364,13 @@ def build_config(args):
 
 def build_dataset(args):
     if args.preset == "tiny" and not args.data:
-        base = SyntheticImages(num_items=args.num_images, image_size=TINY_CONFIG["image_size"], seed=args.seed)
+        base = tu.SyntheticImages(num_items=args.num_images, image_size=TINY_CONFIG["image_size"], seed=args.seed)
     else:
         if not args.data:
             raise ValueError("--data is required (an ImageFolder, e.g. ImageNet train) unless --preset tiny")
         size = TINY_CONFIG["image_size"] if args.preset == "tiny" else FULL_CONFIG["image_size"]
         base = tu.ImageFolderDataset(args.data, size)
-    return HorizontalFlip(base, args.seed)
+    return tu.HorizontalFlip(base, args.seed)
 
 
 def print0(*a):
@@ -467,6 +403,7 @@ def parse_args(argv=None):
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept per stage")
     p.add_argument("--max-nonfinite", type=int, default=20, help="stop after this many non-finite steps in a row")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast dtype of the forward")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoder, stem and ViT blocks")
     p.add_argument("--random-lpips", action="store_true", help="LPIPS with a random VGG (tests; no VGG16 file needed)")
     args = p.parse_args(argv)
     if args.preset == "tiny":

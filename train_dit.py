@@ -83,16 +83,6 @@ def drop_labels(y, null_class):
 #                                  Training                                     #
 #################################################################################
 
-def endless_batches(dataset, sampler, batch, progress, num_workers):
-    """(x, y, n_skipped) forever, epoch after epoch, starting where `progress` says (mid-epoch after a resume)."""
-    while True:
-        dataset.epoch = progress["epoch"]  # the flips of HorizontalFlip depend on (seed, epoch, index)
-        sampler.set_epoch(progress["epoch"], start=progress["step_in_epoch"] * batch)
-        yield from tu.make_loader(dataset, batch, sampler, num_workers)
-        progress["epoch"] += 1
-        progress["step_in_epoch"] = 0
-
-
 def train(args):
     rank, world, device = tu.setup_distributed()
     batch = tu.check_batch(args.global_batch, world)
@@ -123,6 +113,8 @@ def train(args):
         tu.restore_rng_states(state["rng"], rank, world)
         print0(f"resumed from {ckpts.loaded_path} at step {progress['step']}")
 
+    if args.compile:  # in place: parameter names and checkpoints stay the same
+        model.compile()
     model_ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
     sampler = tu.ResumableSampler(len(dataset), rank, world, args.seed)
     steps_per_epoch = len(sampler) // batch
@@ -149,7 +141,7 @@ def train(args):
            f"{total_steps} steps, lr {args.lr} (warm-up {warmup_steps} steps), EMA {args.ema}, "
            f"grad clip {args.grad_clip or 'off'}, shift {alpha:.3g}, out {args.out}")
     bar = tu.progress_bar(total_steps, initial=progress["step"], desc=args.model)
-    data = endless_batches(dataset, sampler, batch, progress, args.num_workers)
+    data = tu.endless_batches(dataset, sampler, batch, progress, args.num_workers)
     running_loss, logged_steps, grad_norm, t0, seen = torch.zeros((), device=device), 0, torch.zeros(()), time.time(), 0
     while progress["step"] < total_steps:
         x, y, n_skipped = next(data)
@@ -286,6 +278,7 @@ def parse_args(argv=None):
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     p.add_argument("--max-nonfinite", type=int, default=20, help="stop after this many non-finite steps in a row")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast dtype of the forward")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT")
     args = p.parse_args(argv)
     defaults = dict(FAMILY_DEFAULTS[family(args.model)])
     if args.preset == "tiny":

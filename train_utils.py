@@ -2,8 +2,8 @@
 
 What a week-long multi-GPU torchrun job needs to never lose work and to resume exactly:
   distributed setup     torchrun env → process group (NCCL on CUDA, gloo on CPU); one plain process works too
-  data                  ADM center crop (SPEC §2.5), ImageFolder dataset that skips corrupt images, and a sampler that
-                        resumes mid-epoch; no hidden randomness (flips use an explicit generator)
+  data                  ADM center crop (SPEC §2.5), ImageFolder dataset that skips corrupt images, synthetic images
+                        for the tiny presets, flips decided by (seed, epoch, index), a sampler that resumes mid-epoch
   checkpoints           atomic writes, a `latest` pointer, keep-K pruning, fallback past a corrupt newest file
   RNG                   capture/restore of torch, CUDA, python and numpy generators per rank
   preemption            SIGTERM/SIGUSR1 → finish the step, agree across ranks, checkpoint, exit 0
@@ -11,8 +11,8 @@ What a week-long multi-GPU torchrun job needs to never lose work and to resume e
   logging               JSON-lines metrics, a concise printed line, a rank-0 progress bar, image grids
 
 Exact resume: a run of N steps equals N/2 steps + checkpoint + resume + N/2 steps bit for bit when the trainer stores
-the model, optimizer, step, epoch, its flip generator's state and `gather_rng_states()`, and restarts the sampler
-with `set_epoch(epoch, start=steps_done_in_epoch * batch_per_rank)`.
+the model, optimizer, step, epoch and `gather_rng_states()`, and restarts the sampler with
+`set_epoch(epoch, start=steps_done_in_epoch * batch_per_rank)` (`endless_batches` does that).
 """
 import glob
 import json
@@ -173,10 +173,54 @@ def collate_skip(batch):
     return x, y, len(batch) - len(kept)
 
 
-def random_flip(x, generator):
-    """Flip each image of x [B,C,H,W] horizontally with probability ½, drawn from `generator` (a CPU generator)."""
-    flip = torch.rand(x.shape[0], generator=generator) < 0.5
-    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+class SyntheticImages(torch.utils.data.Dataset):
+    """Deterministic class-conditional toy images: a coloured shape on a gradient background, drawn from the index.
+
+    The class fixes the shape (disc, square, ring, bars) and its hue, so a conditional generator has something to learn.
+    """
+
+    def __init__(self, num_items=512, image_size=64, num_classes=8, seed=0):
+        self.num_items, self.size, self.num_classes, self.seed = num_items, image_size, num_classes, seed
+
+    def __len__(self):
+        return self.num_items
+
+    def __getitem__(self, index):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        label = index % self.num_classes
+        s = self.size
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, s), torch.linspace(-1, 1, s), indexing="ij")
+        c0, c1 = torch.rand(3, 1, 1, generator=g) * 0.8 - 0.9, torch.rand(3, 1, 1, generator=g) * 0.8 - 0.9
+        angle = torch.rand(1, generator=g) * 2 * math.pi
+        t = (xx * angle.cos() + yy * angle.sin() + 1.5) / 3
+        img = c0 + (c1 - c0) * t
+        cy, cx = (torch.rand(2, generator=g) - 0.5).tolist()
+        radius = 0.3 + 0.2 * torch.rand(1, generator=g).item()
+        d = ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt()
+        shape = label % 4
+        mask = [d < radius, ((yy - cy).abs() < radius) & ((xx - cx).abs() < radius),
+                (d < radius) & (d > radius * 0.6), ((xx * 6 + cy * 6).floor() % 2 == 0) & (yy.abs() < 0.6)][shape]
+        hue = 2 * math.pi * label / self.num_classes
+        colour = torch.tensor([math.cos(hue), math.cos(hue + 2.1), math.cos(hue + 4.2)]).view(3, 1, 1) * 0.9
+        img = torch.where(mask, colour, img)
+        return img.clamp(-1, 1), label
+
+
+class HorizontalFlip(torch.utils.data.Dataset):
+    """Random horizontal flips decided by (seed, epoch, index), not by a rank's RNG stream: any number of ranks sees
+    exactly the images one process would, and a resumed run sees the same flips as an uninterrupted one."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        item = self.dataset[index]
+        if item is None or random.Random(f"{self.seed}-{self.epoch}-{index}").random() >= 0.5:
+            return item
+        return item[0].flip(-1), item[1]
 
 
 class ResumableSampler(torch.utils.data.Sampler):
@@ -227,6 +271,17 @@ def make_loader(dataset, batch_per_rank, sampler, num_workers):
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_per_rank, sampler=sampler, num_workers=num_workers, collate_fn=collate_skip,
         drop_last=True, persistent_workers=False, pin_memory=torch.cuda.is_available(), generator=torch.Generator())
+
+
+def endless_batches(dataset, sampler, batch, progress, num_workers):
+    """(x, y, n_skipped) forever, epoch after epoch, starting where `progress` (a dict with epoch and step_in_epoch,
+    advanced by the trainer) says: mid-epoch after a resume. `dataset.epoch` is set for epoch-dependent flips."""
+    while True:
+        dataset.epoch = progress["epoch"]
+        sampler.set_epoch(progress["epoch"], start=progress["step_in_epoch"] * batch)
+        yield from make_loader(dataset, batch, sampler, num_workers)
+        progress["epoch"] += 1
+        progress["step_in_epoch"] = 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
