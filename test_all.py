@@ -1,4 +1,3 @@
-import argparse
 import functools
 import io
 import json
@@ -12,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import argparse
+import bench
 import fid
 import losses
 import numpy as np
@@ -2167,3 +2168,94 @@ def test_ae_nan_step_skipped_identically_on_two_ranks(tmp_path):
     assert _ae_same(r0, r1)
     metrics = _ae_metrics(tmp_path / "run", 1)
     assert [m["nonfinite_steps"] for m in metrics] == [0, 1, 1]
+
+
+_BENCH_FIELDS = {"batch", "images_per_s", "seconds_per_iter", "gflop_per_image", "gflops_achieved", "fraction_of_peak",
+                 "peak_memory_mb", "memory_kind", "iters", "compute_dtype"}
+
+
+def _bench_one_thread(fn):
+    """Tiny models on a loaded 2-core machine: one thread avoids OpenMP oversubscription stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_bench_tiny_report_has_every_field(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    report = _bench_one_thread(lambda: bench.main(["--preset", "tiny", "--device", "cpu", "--iters", "1",
+                                                    "--json", str(path)]))
+    assert json.loads(capsys.readouterr().out) == json.loads(path.read_text()) == json.loads(json.dumps(report))
+    assert report["device"].startswith("cpu") and report["dtype"] == "fp32" and report["torch"] == torch.__version__
+    assert report["matmul_peak_gflops"] == report["matmul_peak_gflops_by_dtype"]["fp32"] > 0
+    assert set(report["benchmarks"]) == set(bench.BENCHMARKS)
+    for name, r in report["benchmarks"].items():
+        assert set(r) == _BENCH_FIELDS, name
+        assert r["batch"] == 1 and r["iters"] == 1 and r["memory_kind"] == "cpu_peak_rss_growth"
+        assert r["images_per_s"] > 0 and r["gflop_per_image"] > 0 and r["peak_memory_mb"] >= 0
+        assert 0 < r["fraction_of_peak"] < 10, name  # nominal FLOPs: Winograd convolutions can pass 1
+        # the derived numbers follow from the measured ones
+        assert r["images_per_s"] == pytest.approx(r["batch"] / r["seconds_per_iter"])
+        assert r["gflops_achieved"] == pytest.approx(r["gflop_per_image"] * r["images_per_s"])
+        peak = report["matmul_peak_gflops_by_dtype"][r["compute_dtype"]]
+        assert r["fraction_of_peak"] == pytest.approx(r["gflops_achieved"] / peak)
+    # backward is counted: a training step (forward + backward, ~3 forwards) costs more than a guided sampling step
+    # of the same network (cond + uncond, 2 forwards)
+    assert report["benchmarks"]["lightningdit_xl_train_step"]["gflop_per_image"] > \
+        report["benchmarks"]["sampling_step"]["gflop_per_image"]
+
+
+def test_bench_flops_of_full_decoder_and_dit_match_spec():
+    """Counted on the meta device: SPEC §2.2's 688 GFLOPs for the decoder, and LightningDiT-XL/1's closed form."""
+    with torch.device("meta"):
+        dec = dcae_decoder("f16-in")
+        z = torch.randn(2, 1024, 16, 16)
+        assert bench.count_flops(lambda: dec(z)) / 2 / 1e9 == pytest.approx(688.0, abs=0.5)
+        dit = DiT_models["LightningDiT-XL/1"]()
+        t, y = torch.rand(2), torch.randint(1000, (2,))
+        flops = bench.count_flops(lambda: dit(z, t, y)) / 2
+    d, depth, C, N, hidden = 1152, 28, 1024, 256, 3072
+    per_token = C * d + depth * (3 * d * d + d * d + 2 * hidden * d + hidden * d) + d * C  # embed, blocks, final
+    per_image = 512 * d + d * d + depth * 6 * d * d + 2 * d * d  # timestep MLP, adaLN of blocks and final layer
+    attention = depth * 4 * N * N * d  # q·k and attention·v
+    assert flops == 2 * N * per_token + 2 * per_image + attention
+
+
+def test_bench_run_benchmark_counts_forward_and_backward():
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(8, 64)
+
+    def build(batch, device, autocast, channels_last):
+        def step():
+            lin.zero_grad()
+            with autocast():
+                lin(x[:batch]).sum().backward()
+        return step, [lin]
+
+    autocast = lambda: torch.autocast("cpu", enabled=False)
+    r = bench.run_benchmark(build, 4, torch.device("cpu"), autocast, iters=3, warmup=1)
+    # forward 2·B·in·out, backward the weight gradient only (x needs none): 2·B·in·out again
+    assert r["gflop_per_image"] * 1e9 == pytest.approx(4 * 64 * 32)
+    assert r["iters"] == 3 and r["batch"] == 4 and r["images_per_s"] > 0
+
+
+def test_bench_cpu_peak_memory_sees_a_freed_allocation():
+    with bench.PeakMemory(torch.device("cpu")) as memory:
+        x = torch.ones(32 * 2 ** 20 // 4)  # 32 MiB, every page touched
+        del x
+    assert memory.kind == "cpu_peak_rss_growth" and 30 <= memory.mb < 1024
+
+
+def test_bench_matmul_peak_positive():
+    assert bench.matmul_peak_gflops(torch.device("cpu"), torch.float32, 128, repeats=2, inner=2) > 0
+
+
+@pytest.mark.parametrize("argv", [["--batch", "0"], ["--only", "nonsense"], ["--compile", "--warmup", "0"],
+                                  ["--dtype", "fp16"]])
+def test_bench_bad_flags_fail(argv, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert "error" in capsys.readouterr().err
