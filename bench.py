@@ -332,7 +332,7 @@ def run(args):
     peaks = {name: matmul_peak_gflops(device, dt, n, inner=10 if device.type == "cuda" else 1)
              for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     log(f"matmul peak on {device}: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    autocast = lambda: tu.autocast(device, dtype)
     results = {}
     for name in names:
         torch.manual_seed(args.seed)

@@ -103,7 +103,7 @@ def generate(args):
     for start in range(0, len(mine), args.batch_size):
         indices = mine[start:start + args.batch_size]
         noise = initial_noise(indices, model, radius, state["euclidean"], args.seed, device)
-        with torch.no_grad(), autocast(args, device):
+        with torch.no_grad(), tu.autocast(device, args.precision):
             z = sample_latents(model, labels[indices].to(device), noise, radius, alpha, sampler, args.steps,
                                args.cfg_scale, tuple(args.cfg_interval))
             images.append(to_uint8(ae.decoder(z)))
@@ -159,7 +159,7 @@ def reconstruct(args):
         if len(x) == 0:
             continue
         x = x.to(device, non_blocking=True)
-        with torch.no_grad(), autocast(args, device):
+        with torch.no_grad(), tu.autocast(device, args.precision):
             x_hat = ae.decoder(ae.encoder.encode(x))
         originals.append(to_uint8(x))
         reconstructions.append(to_uint8(x_hat))
@@ -205,10 +205,6 @@ def recon_dataset(args):
 def check_shares(num, world):
     if num < world:
         raise ValueError(f"{num} images cannot be shared by {world} ranks: use at least one image per rank")
-
-
-def autocast(args, device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
 
 def write_shards(out, arrays, rank, world):

@@ -221,7 +221,6 @@ def train(args):
     guard.skipped_total = progress["nonfinite"]
     preempt = tu.PreemptionHandler()
     grid_images = fixed_images(dataset, min(8, batch))
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def save():
         progress["nonfinite"] = guard.skipped_total
@@ -241,7 +240,7 @@ def train(args):
         x = x.to(device, non_blocking=True)
         if disc is not None:
             disc.requires_grad_(False)  # the generator step needs gradients through D, not into it
-        with autocast():
+        with tu.autocast(device, args.precision):
             loss, metrics, x_hat = generator_loss(ae_ddp, lpips, disc, x, stage)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -249,7 +248,7 @@ def train(args):
             opt.step()
         if disc is not None:
             disc.requires_grad_(True)
-            with autocast():
+            with tu.autocast(device, args.precision):
                 d_loss = discriminator_loss(disc_ddp, x, x_hat)
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
@@ -268,12 +267,8 @@ def train(args):
                                   nonfinite_steps=guard.skipped_total))
             t0, seen = time.time(), 0
         if step % args.sample_every == 0 or step == total_steps:
-            save_reconstructions(ae, grid_images, os.path.join(out_dir, f"recon_{step:07d}.png"), device)
-        stop = preempt.should_stop()
-        if step % args.ckpt_every == 0 or step == total_steps or stop:
-            save()
-        if stop:
-            print0(f"preempted: checkpoint written at step {step}, exiting")
+            save_reconstructions(ae, grid_images, os.path.join(out_dir, f"recon_{step:07d}.png"), device, args.precision)
+        if tu.checkpoint_or_stop(step, total_steps, args.ckpt_every, preempt, save):
             break
     bar.close()
     preempt.restore()
@@ -293,11 +288,11 @@ def fixed_images(dataset, n):
     return torch.stack(images)
 
 
-def save_reconstructions(ae, images, path, device):
+def save_reconstructions(ae, images, path, device, precision):
     if not tu.is_main():
         return
     ae.eval()
-    with torch.no_grad(), tu.autocast(device):
+    with torch.no_grad(), tu.autocast(device, precision):
         x_hat = ae(images.to(device))["x_hat"].float()
     ae.train()
     tu.save_image_grid(torch.cat([images.to(device), x_hat.clamp(-1, 1)]), path, nrow=images.shape[0])

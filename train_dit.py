@@ -127,7 +127,6 @@ def train(args):
     guard = tu.NonFiniteGuard(args.max_nonfinite)
     guard.skipped_total = progress["nonfinite"]
     preempt = tu.PreemptionHandler()
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def save():
         progress["nonfinite"] = guard.skipped_total
@@ -146,9 +145,9 @@ def train(args):
     while progress["step"] < total_steps:
         x, y, n_skipped = next(data)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), tu.autocast(device, args.precision):
             z = ae.encoder.encode(x).float()
-        with autocast():
+        with tu.autocast(device, args.precision):
             loss = rfm_loss(model_ddp, z, drop_labels(y, model.null_class), radius, alpha, euclidean=args.euclidean)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -176,11 +175,7 @@ def train(args):
             logged_steps, t0, seen = 0, time.time(), 0
         if step % args.sample_every == 0 or step == total_steps:
             save_sample_grid(ema, ae, args, radius, alpha, os.path.join(args.out, f"samples_{step:07d}.png"), device)
-        stop = preempt.should_stop()
-        if step % args.ckpt_every == 0 or step == total_steps or stop:
-            save()
-        if stop:
-            print0(f"preempted: checkpoint written at step {step}, exiting")
+        if tu.checkpoint_or_stop(step, total_steps, args.ckpt_every, preempt, save):
             break
     bar.close()
     preempt.restore()
@@ -202,7 +197,7 @@ def save_sample_grid(ema, ae, args, radius, alpha, path, device):
         return
     labels = torch.arange(GRID_SAMPLES, device=device) * ema.num_classes // GRID_SAMPLES
     noise = initial_noise(range(GRID_SAMPLES), ema, radius, args.euclidean, args.seed, device)
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+    with torch.no_grad(), tu.autocast(device, args.precision):
         z = sample_latents(ema, labels, noise, radius, alpha, "euler" if args.euclidean else "euler-proj", GRID_STEPS)
         images = ae.decoder(z).float()
     tu.save_image_grid(images, path, nrow=GRID_SAMPLES // 2)

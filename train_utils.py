@@ -83,9 +83,9 @@ def _all_reduce(tensor, op):
     return tensor
 
 
-def autocast(device):
-    """bf16 autocast on CUDA and CPU."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+def autocast(device, precision="bf16"):
+    """bf16 autocast on CUDA and CPU for precision 'bf16'; a no-op context for 'fp32'."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def check_batch(global_batch, world_size):
@@ -476,6 +476,17 @@ def all_finite(loss, parameters):
     checks += [torch.isfinite(p.grad).all() for p in parameters if p.grad is not None]
     ok = torch.stack(checks).all().float()
     return bool(_all_reduce(ok, dist.ReduceOp.MIN).item())
+
+
+def checkpoint_or_stop(step, total_steps, ckpt_every, preempt, save):
+    """Checkpoint at the interval, at the last step and on preemption; True when the run must stop now (every rank
+    gets the same answer, so all of them stop at the same step)."""
+    stop = preempt.should_stop()
+    if step % ckpt_every == 0 or step == total_steps or stop:
+        save()
+    if stop and is_main():
+        print(f"preempted: checkpoint written at step {step}, exiting", flush=True)
+    return stop
 
 
 class NonFiniteGuard:
