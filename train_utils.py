@@ -18,7 +18,6 @@ import glob
 import json
 import math
 import os
-import pickle
 import random
 import signal
 import tempfile
@@ -155,7 +154,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         try:
             with Image.open(path) as image:
                 image = center_crop_arr(image.convert("RGB"), self.image_size)
-        except OSError as error:  # PIL's decode errors (unidentified, truncated) are OSErrors
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's decode errors
             if path not in self._warned:
                 self._warned.add(path)
                 warnings.warn(f"skipping unreadable image {path}: {error}")
@@ -375,7 +374,7 @@ class CheckpointManager:
         for candidate in candidates:
             try:
                 state = torch.load(candidate, map_location="cpu", weights_only=True)
-            except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:  # truncated or corrupt file
+            except Exception as error:  # garbage bytes raise any of many types (IndexError, KeyError, ...) in the unpickler
                 warnings.warn(f"checkpoint {candidate} is unreadable ({error}); falling back to the previous one")
                 continue
             self.loaded_path = candidate
