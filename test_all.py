@@ -757,6 +757,8 @@ def test_checkpoint_atomic_save_latest_and_pruning(tmp_path):
     state = manager.load("auto")
     assert state["step"] == 5 and torch.equal(state["w"], torch.full((4,), 5.0))
     assert manager.loaded_path.endswith("ckpt_0000005.pt")
+    state["w"].add_(1)  # loads are memory-mapped: an optimizer updating a loaded state in place must not touch the file
+    assert torch.equal(manager.load("auto")["w"], torch.full((4,), 5.0))
     assert manager.load(str(tmp_path / "ckpt" / "ckpt_0000003.pt"))["step"] == 3
     # Saving an older step (resumed from it) never deletes the checkpoint just written, and `latest` follows it.
     manager.save({"step": 2}, 2)

@@ -368,12 +368,12 @@ class CheckpointManager:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"checkpoint {path} does not exist")
             self.loaded_path = path
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return _load(path)
         latest = self._latest_target()
         candidates = ([latest] if latest else []) + [p for p in self.checkpoints() if p != latest]
         for candidate in candidates:
             try:
-                state = torch.load(candidate, map_location="cpu", weights_only=True)
+                state = _load(candidate)
             except Exception as error:  # garbage bytes raise any of many types (IndexError, KeyError, ...) in the unpickler
                 warnings.warn(f"checkpoint {candidate} is unreadable ({error}); falling back to the previous one")
                 continue
@@ -382,6 +382,12 @@ class CheckpointManager:
         if candidates:
             raise RuntimeError(f"no readable checkpoint in {self.directory}: all of {candidates} failed to load")
         return None
+
+
+def _load(path):
+    # mmap: tensors are read when touched, so 8 ranks of sample.py reading the EMA of an 11 GB DiT-XL checkpoint
+    # (weights, EMA, Adam moments) share the page cache instead of each materialising it all.
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
