@@ -378,36 +378,24 @@ def parse_args(argv=None):
     p.add_argument("--stage", type=int, choices=[1, 2, 3, 4], required=True)
     p.add_argument("--preset", choices=["full", "tiny"], default="full",
                    help="tiny: synthetic 64px images, random tiny DINOv3 files, small decoder (CPU, minutes)")
-    p.add_argument("--data", help="ImageFolder root (ImageNet train); synthetic images when omitted with --preset tiny")
     p.add_argument("--out", default=None, help="run folder; stage N writes <out>/stageN (default runs/ae, runs/tiny/ae)")
     p.add_argument("--init", help="checkpoint file or folder of the previous stage (default <out>/stage{N-1})")
     p.add_argument("--from-scratch", action="store_true", help="allow a stage > 1 to start without a previous stage")
-    p.add_argument("--resume", default="auto", help="'auto' (newest valid checkpoint of this stage), a path, or 'none'")
     p.add_argument("--dino-weights", help=f"DINOv3 ViT-L/16 file (default {FULL_CONFIG['dino_weights']})")
     p.add_argument("--disc-weights", help=f"DINOv3 ViT-S/16 file for the discriminator (default {FULL_CONFIG['disc_weights']})")
     p.add_argument("--global-batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=None, help="default: the stage's lr of the paper")
     p.add_argument("--epochs", type=int, default=None, help="default per stage: 20, 10, 5, 5 (not given in the paper)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
-    p.add_argument("--num-workers", type=int, default=8)
-    p.add_argument("--num-images", type=int, default=512, help="synthetic images of the tiny preset")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--sample-every", type=int, default=2000)
     p.add_argument("--ckpt-every", type=int, default=2000)
-    p.add_argument("--keep", type=int, default=3, help="checkpoints kept per stage")
-    p.add_argument("--max-nonfinite", type=int, default=20, help="stop after this many non-finite steps in a row")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast dtype of the forward")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder, stem and ViT blocks")
     p.add_argument("--random-lpips", action="store_true", help="LPIPS with a random VGG (tests; no VGG16 file needed)")
+    tu.add_run_args(p)
     args = p.parse_args(argv)
     if args.preset == "tiny":
-        defaults = dict(out="runs/tiny/ae", global_batch=8, num_workers=0, log_every=10, sample_every=50,
-                        ckpt_every=50, max_steps=40, lr=5e-4,
-                        precision="fp32")  # CPU bf16 is emulated: slower than fp32
-        for key, value in defaults.items():
-            if getattr(args, key) == p.get_default(key):
-                setattr(args, key, value)
+        tu.apply_preset(p, args, dict(out="runs/tiny/ae", global_batch=8, num_workers=0, log_every=10, sample_every=50,
+                                      ckpt_every=50, max_steps=40, lr=5e-4,
+                                      precision="fp32"))  # CPU bf16 is emulated: slower than fp32
     args.out = args.out or "runs/ae"
     return args
 

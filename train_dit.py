@@ -251,42 +251,28 @@ def parse_args(argv=None):
     p.add_argument("--ae", default=None, help="train_ae.py checkpoint file or stage folder "
                                               "(default runs/ae/stage4, tiny: runs/tiny/ae/stage4)")
     p.add_argument("--dino-weights", help="DINOv3 ViT-L/16 file, if not where the autoencoder checkpoint says")
-    p.add_argument("--data", help="ImageFolder root (ImageNet train); synthetic images when omitted with --preset tiny")
     p.add_argument("--out", default=None, help="run folder (default runs/dit, tiny: runs/tiny/dit)")
-    p.add_argument("--resume", default="auto", help="'auto' (newest valid checkpoint in --out), a path, or 'none'")
     p.add_argument("--euclidean", action="store_true", help="Euclidean flow matching (the ablation baseline)")
     p.add_argument("--global-batch", type=int, default=1024)
     p.add_argument("--epochs", type=int, default=80)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--ema", type=float, default=None, help="EMA decay (default 0.9999 LightningDiT, 0.9995 DiTDH)")
     p.add_argument("--warmup-epochs", type=int, default=None,
                    help="linear lr warm-up (default 0 LightningDiT, 40 DiTDH)")
     p.add_argument("--grad-clip", type=float, default=None, help="max grad norm, 0 = off (default 0 LightningDiT, "
                                                                 "1.0 DiTDH)")
-    p.add_argument("--num-workers", type=int, default=8)
-    p.add_argument("--num-images", type=int, default=512, help="synthetic images of the tiny preset")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--sample-every", type=int, default=10000)
     p.add_argument("--ckpt-every", type=int, default=10000)
-    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
-    p.add_argument("--max-nonfinite", type=int, default=20, help="stop after this many non-finite steps in a row")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast dtype of the forward")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT")
+    tu.add_run_args(p)
     args = p.parse_args(argv)
     defaults = dict(FAMILY_DEFAULTS[family(args.model)])
     if args.preset == "tiny":
         defaults.update(ema=0.99, warmup_epochs=min(defaults["warmup_epochs"], 1))  # runs of a few hundred steps
-        tiny = dict(out="runs/tiny/dit", ae="runs/tiny/ae/stage4", global_batch=16, num_workers=0, log_every=10,
-                    sample_every=100, ckpt_every=100, max_steps=300, lr=1e-3,
-                    precision="fp32")  # CPU bf16 is emulated: slower than fp32
-        for key, value in tiny.items():
-            if getattr(args, key) == p.get_default(key):
-                setattr(args, key, value)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+        tu.apply_preset(p, args, dict(out="runs/tiny/dit", ae="runs/tiny/ae/stage4", global_batch=16, num_workers=0,
+                                      log_every=10, sample_every=100, ckpt_every=100, max_steps=300, lr=1e-3,
+                                      precision="fp32"))  # CPU bf16 is emulated: slower than fp32
+    tu.apply_preset(p, args, defaults)  # the family's EMA, warm-up and clipping where no flag was given
     if not 0 <= args.ema < 1 or args.grad_clip < 0 or args.warmup_epochs < 0:
         p.error(f"need 0 <= --ema < 1, --grad-clip >= 0, --warmup-epochs >= 0; got {args.ema}, {args.grad_clip}, "
                 f"{args.warmup_epochs}")

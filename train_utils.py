@@ -553,3 +553,27 @@ def save_image_grid(images, path, nrow):
     """Save images in [-1, 1] [B,3,H,W] as one PNG grid (values clamped), creating parent folders."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torchvision.utils.save_image((images.detach().float().cpu().clamp(-1, 1) + 1) / 2, path, nrow=nrow)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line shared by train_ae.py and train_dit.py
+
+def add_run_args(p):
+    """The flags both trainers share: data, resume, length, loader, seed, logging, checkpoints and numerics."""
+    p.add_argument("--data", help="ImageFolder root (ImageNet train); synthetic images when omitted with --preset tiny")
+    p.add_argument("--resume", default="auto", help="'auto' (newest readable checkpoint of the run), a path, or 'none'")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
+    p.add_argument("--num-workers", type=int, default=8)
+    p.add_argument("--num-images", type=int, default=512, help="synthetic images of the tiny preset")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    p.add_argument("--max-nonfinite", type=int, default=20, help="stop after this many non-finite steps in a row")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast dtype of the forward")
+
+
+def apply_preset(parser, args, values):
+    """Give the flags the user left at their parser default the preset's values."""
+    for key, value in values.items():
+        if getattr(args, key) == parser.get_default(key):
+            setattr(args, key, value)
