@@ -109,7 +109,8 @@ def main(args):
         "linear_probe": linear,
         "magnitude_psnr": {str(k): v for k, v in magnitude.items()},
         "images": {"reconstructions": os.path.join(ae_dir, "stage4", f"recon_{AE_STEPS[4]:07d}.png"),
-                   "samples": os.path.join(out, "samples.png"), "dit_training_grid": dit_grid(dit_dir),
+                   "samples": os.path.join(out, "samples.png"),
+                   "dit_training_grid": os.path.join(dit_dir, f"samples_{args.dit_steps:07d}.png"),
                    "pca_maps": pca_path, "reconstruction_pairs": recon + ".png"},
         "seconds": round(time.time() - t0, 1),
     }
@@ -120,11 +121,6 @@ def main(args):
     print(json.dumps({k: summary[k] for k in ("generation", "reconstruction", "linear_probe")}, indent=2))
     print(f"images: {', '.join(summary['images'].values())}\nsummary: {path}")
     return summary
-
-
-def dit_grid(dit_dir):
-    grids = sorted(f for f in os.listdir(dit_dir) if f.startswith("samples_"))
-    return os.path.join(dit_dir, grids[-1])
 
 
 if __name__ == "__main__":

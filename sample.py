@@ -269,24 +269,21 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     tiny = args.preset == "tiny"
     defaults = dict(dit="runs/tiny/dit" if tiny else "runs/dit", batch_size=32 if tiny else 64,
-                    precision="fp32" if tiny else "bf16")  # CPU bf16 is emulated: slower than fp32
+                    precision="fp32" if tiny else "bf16",  # CPU bf16 is emulated: slower than fp32
+                    num_workers=0 if tiny else 8)
     if args.recon:
         defaults.update(ae="runs/tiny/ae/stage4" if tiny else "runs/ae/stage4",
                         out="runs/tiny/recon" if tiny else "recon")
     else:
         defaults.update(num_samples=GRID_IMAGES if tiny else 50000,
                         out="runs/tiny/samples.npz" if tiny else "samples.npz")
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    tu.apply_preset(p, args, defaults)
     if args.num_samples is not None and args.num_samples < 1:
         p.error(f"--num-samples must be at least 1, got {args.num_samples}")
     if args.batch_size < 1:
         p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if not args.recon and not args.out.endswith(".npz"):
         p.error(f"--out must be an .npz path for generation, got {args.out}")
-    if tiny and args.num_workers == p.get_default("num_workers"):
-        args.num_workers = 0
     return args
 
 
