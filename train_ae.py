@@ -21,13 +21,11 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_utils as tu
 from losses import adaptive_weight, alignment_loss, build_lpips, hinge_d_loss, hinge_g_loss
-from model import (DCAE_CONFIGS, DCAEDecoder, DinoDiscriminator, DinoSAEEncoder, DinoVisionTransformer, dinov3_vit,
-                   load_dinov3)
+from model import DCAE_CONFIGS, DCAEDecoder, DinoDiscriminator, DinoSAEEncoder, DinoVisionTransformer, load_dinov3
 
 STAGES = {
     1: dict(train_stem=True, align=True, gan=False, noise_tau=0.0, lr=1e-5, betas=(0.9, 0.999), epochs=20),
@@ -36,7 +34,6 @@ STAGES = {
     4: dict(train_stem=False, align=False, gan=True, noise_tau=0.8, lr=5.4e-5, betas=(0.5, 0.9), epochs=5),
 }
 W_COS, W_L1, W_LPIPS, W_ADV = 0.5, 1.0, 1.0, 0.5  # paper §4.1
-
 
 
 def decoder_config(name, **overrides):
