@@ -782,7 +782,7 @@ class DinoDiscriminator(nn.Module):
     def forward(self, x, generator=None):
         """x in [-1, 1] -> logits [B, heads · tokens]."""
         check_images(x, 1)
-        x = diff_augment(x, generator)
+        x = diff_augment(x.float(), generator)  # real (fp32) and fake (bf16 under autocast) augmented alike
         x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
         feats = self.feature_net.get_intermediate_layers(imagenet_normalize(x), n=self.taps, norm=False)
         return torch.cat([head(f.transpose(1, 2)).flatten(1) for head, f in zip(self.heads, feats)], dim=1)

@@ -2263,3 +2263,9 @@ def test_bench_bad_flags_fail(argv, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
     assert "error" in capsys.readouterr().err
+
+
+def test_ae_quantize_bf16_fakes_land_on_the_8bit_grid():
+    levels = torch.arange(256, dtype=torch.float32) / 127.5 - 1
+    q = train_ae.quantize(levels.bfloat16())  # the decoder's output dtype under bf16 autocast
+    assert q.dtype == torch.float32 and torch.allclose(q, levels, atol=1e-6, rtol=0)

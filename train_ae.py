@@ -161,7 +161,7 @@ def generator_loss(ae, lpips, disc, x, stage):
 
 def quantize(x):
     """The discriminator judges 8-bit images, as the generator's outputs will be saved."""
-    return torch.round((x.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1
+    return torch.round((x.float().clamp(-1, 1) + 1) * 127.5) / 127.5 - 1  # fp32: bf16 cannot hold the 256 levels
 
 
 def discriminator_loss(disc, x, x_hat):
@@ -198,6 +198,9 @@ def train(args):
         opt.load_state_dict(state["opt"])
         if opt_d:
             opt_d.load_state_dict(state["opt_d"])
+        for optimizer in filter(None, (opt, opt_d)):  # this run's lr and betas, not the saved ones (--lr may change)
+            for group in optimizer.param_groups:
+                group.update(lr=stage["lr"], betas=stage["betas"])
         progress.update(state["progress"])
         tu.restore_rng_states(state["rng"], rank, world)
         print0(f"resumed stage {args.stage} from {ckpts.loaded_path} at step {progress['step']}")
@@ -214,13 +217,13 @@ def train(args):
     if steps_per_epoch == 0:
         raise ValueError(f"dataset of {len(dataset)} images is smaller than one global batch of {args.global_batch}")
     total_steps = args.max_steps or (args.epochs or stage["epochs"]) * steps_per_epoch
-    guard = tu.NonFiniteGuard(args.max_nonfinite)
-    guard.skipped_total = progress["nonfinite"]
+    guard, guard_d = tu.NonFiniteGuard(args.max_nonfinite), tu.NonFiniteGuard(args.max_nonfinite)  # G and D apart:
+    guard.skipped_total = progress["nonfinite"]  # a D that stays NaN must stop the run even while G steps are fine
     preempt = tu.PreemptionHandler()
     grid_images = fixed_images(dataset, min(8, batch))
 
     def save():
-        progress["nonfinite"] = guard.skipped_total
+        progress["nonfinite"] = guard.skipped_total + guard_d.skipped_total
         rng = tu.gather_rng_states(world)
         if tu.is_main():
             ckpts.save(checkpoint_state(args, config, ae, disc, opt, opt_d, progress, rng), progress["step"])
@@ -249,7 +252,7 @@ def train(args):
                 d_loss = discriminator_loss(disc_ddp, x, x_hat)
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
-            if guard.step_ok(tu.all_finite(d_loss, disc.parameters())):
+            if guard_d.step_ok(tu.all_finite(d_loss, disc.parameters())):
                 opt_d.step()
             metrics["d_loss"] = d_loss.detach()
         progress["step"] += 1
@@ -261,7 +264,7 @@ def train(args):
         if step % args.log_every == 0 or step == total_steps:
             logger.log(step, dict({k: float(v) for k, v in metrics.items()}, lr=stage["lr"],
                                   img_per_s=seen / (time.time() - t0), skipped_images=progress["skipped_images"],
-                                  nonfinite_steps=guard.skipped_total))
+                                  nonfinite_steps=guard.skipped_total + guard_d.skipped_total))
             t0, seen = time.time(), 0
         if step % args.sample_every == 0 or step == total_steps:
             save_reconstructions(ae, grid_images, os.path.join(out_dir, f"recon_{step:07d}.png"), device, args.precision)
