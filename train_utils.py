@@ -14,12 +14,14 @@ Exact resume: a run of N steps equals N/2 steps + checkpoint + resume + N/2 step
 the model, optimizer, step, epoch and `gather_rng_states()`, and restarts the sampler with
 `set_epoch(epoch, start=steps_done_in_epoch * batch_per_rank)` (`endless_batches` does that).
 """
+import argparse
 import glob
 import json
 import math
 import os
 import random
 import signal
+import sys
 import tempfile
 import warnings
 from datetime import datetime
@@ -30,6 +32,47 @@ import torch.distributed as dist
 import torchvision
 from PIL import Image
 from tqdm import tqdm
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# User errors: one line on stderr, no traceback
+
+class UserError(Exception):
+    """The user's input is wrong (a flag, a file, the data). `cli` prints it as one line, without a traceback."""
+    exit_code = 1
+
+
+class UsageError(UserError, ValueError):
+    """A bad flag value or combination of flags: exit status 2, as argparse."""
+    exit_code = 2
+
+
+class DataError(UserError, ValueError):
+    """A file or data set that exists but is not what the run needs (wrong kind, unreadable, wrong shape): exit 1."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the run needs is not there: exit 1."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors raise UsageError: one line through `cli`, and an exception (not SystemExit) for callers
+    in Python."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def cli(main):
+    """Run an entry script's main(): a UserError becomes one line on stderr (rank 0 only under torchrun) and exit
+    status 2 (usage) or 1 (files, data); any other exception is a bug or an accident and keeps its traceback."""
+    try:
+        main()
+    except UserError as error:
+        if os.environ.get("RANK", "0") == "0":
+            message = str(error).replace("\n", " ")
+            print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(error.exit_code)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
