@@ -1,20 +1,30 @@
-"""DINO-SAE models: the DINOv3 ViT backbone (§1 of SPEC.md), the hierarchical conv stem and spherical encoder
-(paper §3.1–3.2), the DC-AE decoder (§3.3), the DINO discriminator (§3.3, adversarial stage) and the diffusion
-transformers LightningDiT / DiT^DH that generate on the sphere (§3.4).
+"""The models of DINO-SAE, in the order the paper introduces them:
 
-Everything is plain PyTorch. Parameter and buffer names follow the official checkpoints (DINOv3 `.pth`, DC-AE decoder)
-so released weights load strictly.
+  DINOv3 ViT          the frozen backbone (teacher, student transformer, discriminator features) and its loaders
+  conv stem, encoder  §3.1 hierarchical convolutional patch embedding; §3.2 student z_S and teacher z_T
+  DC-AE decoder       §3.3 the pixel decoder
+  DINO-SAE            §3.2–3.4 encoder + decoder; Eq. 10 latent noise; the spherical latent of the generator
+  DINO discriminator  §3.3 adversarial adaptation (stage 2 onwards)
+  LightningDiT, DiT^DH  §3.4 and §4.2 the diffusion transformers on the product of spheres
+
+Plain PyTorch. Parameter and buffer names follow the official checkpoints (DINOv3 `.pth`, DC-AE decoder) so released
+weights load strictly. Every block stack (ViT blocks, decoder stages, DiT blocks) can recompute its activations in
+the backward pass (`grad_checkpointing = True`) to trade compute for memory at the paper's batch sizes.
 """
 import json
 import math
 import os
 import struct
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from rfm import project_sphere
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,15 +39,39 @@ def check_images(x, multiple=16):
 
 
 def imagenet_normalize(x):
-    """[-1, 1] pixels -> the ImageNet-normalised input DINOv3 was trained on (SPEC §1.3.1)."""
+    """[-1, 1] pixels -> the ImageNet-normalised input DINOv3 was trained on."""
     mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return ((x + 1) / 2 - mean) / std
 
 
+class _Recompute:
+    active = False  # True while activation checkpointing re-runs a forward inside backward
+
+
+@contextmanager
+def _recomputing():
+    _Recompute.active = True
+    try:
+        yield
+    finally:
+        _Recompute.active = False
+
+
+def maybe_checkpoint(enabled, fn, *args):
+    """fn(*args); with `enabled` (and autograd recording), its activations are recomputed in backward instead of kept.
+    Gradients are unchanged: the re-run sees the same inputs, and BatchNorm does not count it as another batch."""
+    if not (enabled and torch.is_grad_enabled()):
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), _recomputing()))
+
+
 #################################################################################
-#                         DINOv3 Vision Transformer (SPEC §1)                   #
+#                         DINOv3 Vision Transformer                             #
 #################################################################################
+# The frozen backbone of §3.1 (DINOv3 ViT-L/16 as released), also the teacher of Eq. 6 and, at ViT-S/16, the feature
+# network of the discriminator. A bit-faithful re-implementation of the official model in eval mode: patch 16,
+# 4 storage (register) tokens, LayerScale, axial RoPE on normalised patch coordinates, no absolute position embedding.
 
 VIT_ARCHS = {  # name: (width D, depth, heads); head dim 64, 4 storage tokens, patch 16
     "vits16": (384, 12, 6),
@@ -55,14 +89,15 @@ DINOV3_SOURCE = ("request the official weights at https://ai.meta.com/resources/
 
 
 def rope_periods(head_dim, base=100.0):
-    """periods[j] = base^(j / (head_dim/4)), rounded to bf16 as in the released checkpoints (SPEC §1.3.4)."""
+    """periods[j] = base^(j / (head_dim/4)), rounded to bf16 as the released checkpoints store them (recomputing them
+    in fp32 moves outputs by ~3e-4)."""
     n = head_dim // 4
     periods = base ** (2 * torch.arange(n, dtype=torch.float32) / (head_dim // 2))
     return periods.to(torch.bfloat16).float()
 
 
 class RopePositionEmbedding(nn.Module):
-    """Axial RoPE on normalised patch coordinates: [16 y-angles, 16 x-angles] tiled twice (SPEC §1.3.4)."""
+    """Axial RoPE on patch-centre coordinates in [-1, 1]: [16 y-angles, 16 x-angles] tiled twice."""
 
     def __init__(self, head_dim):
         super().__init__()
@@ -164,6 +199,8 @@ class PatchEmbed(nn.Module):
 class DinoVisionTransformer(nn.Module):
     """DINOv3 ViT with the official parameter names. Frozen and always in eval mode in this project."""
 
+    grad_checkpointing = False  # recompute block activations in backward (the student's gradient reaches the stem)
+
     def __init__(self, embed_dim=1024, depth=24, num_heads=16, n_storage_tokens=4, patch_size=16):
         super().__init__()
         self.embed_dim, self.num_heads, self.patch_size = embed_dim, num_heads, patch_size
@@ -189,7 +226,7 @@ class DinoVisionTransformer(nn.Module):
         return super().train(False)
 
     def tokens(self, patches):
-        """[cls + 0·mask, storage, patches] from patch features [B, D, h, w] flattened row-major (SPEC §1.3.3)."""
+        """[cls + 0·mask, storage, patches] from patch features [B, D, h, w] flattened row-major."""
         B = patches.shape[0]
         cls = (self.cls_token + 0 * self.mask_token).expand(B, -1, -1)
         return torch.cat([cls, self.storage_tokens.expand(B, -1, -1), patches.flatten(2).transpose(1, 2)], dim=1)
@@ -201,7 +238,7 @@ class DinoVisionTransformer(nn.Module):
         rope = self.rope_embed(h, w)
         outputs = {}
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, 1 + self.n_storage_tokens)
+            x = maybe_checkpoint(self.grad_checkpointing, block, x, rope, 1 + self.n_storage_tokens)
             if i in taps:
                 outputs[i] = x
         return x, outputs
@@ -267,22 +304,6 @@ def read_safetensors(path):
     return state
 
 
-def write_safetensors(state, path):
-    """Inverse of read_safetensors (used to export and by the tests to build Hugging Face files)."""
-    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-    header, blobs, offset = {}, [], 0
-    for name, t in state.items():
-        t = t.detach().contiguous().cpu()
-        blob = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
-
-
 def hf_to_official(state):
     """Rename a Hugging Face DINOv3ViTModel state dict to the official layout; add the k-bias, mask and periods."""
     state = {k.removeprefix("model."): v for k, v in state.items()}
@@ -324,50 +345,72 @@ def hf_to_official(state):
 def vit_config_from_state(state):
     dim = state["cls_token"].shape[-1]
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    return dict(embed_dim=dim, depth=depth, num_heads=dim // 64, n_storage_tokens=state["storage_tokens"].shape[1],
+    storage = state["storage_tokens"].shape[1] if "storage_tokens" in state else 4  # a missing key is reported later
+    return dict(embed_dim=dim, depth=depth, num_heads=dim // 64, n_storage_tokens=storage,
                 patch_size=state["patch_embed.proj.weight"].shape[-1])
+
+
+NOT_DINOV3 = "is not a DINOv3 checkpoint (official .pth or Hugging Face safetensors)"
+
+
+def read_dinov3_file(path, arch):
+    """The state dict stored at `path` (a missing or unreadable file is one clear error, never torch's own advice)."""
+    if not os.path.isfile(path):
+        name = DINOV3_FILES.get(arch or "vitl16")
+        raise FileNotFoundError(f"DINOv3 weights not found at {path}: expected {name} (or its model.safetensors); "
+                                + DINOV3_SOURCE.format(arch=arch or "vitl16"))
+    try:
+        state = read_safetensors(path) if path.endswith(".safetensors") else \
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated or random bytes raise any of a dozen types from the unpickler/zip reader
+        raise ValueError(f"{path} {NOT_DINOV3}: it cannot be read ({type(error).__name__})") from error
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} {NOT_DINOV3}: it holds a {type(state).__name__}, not a state dict")
+    return state
 
 
 def load_dinov3(path_or_state_dict, arch=None):
     """Frozen eval-mode DINOv3 ViT from an official `.pth`, or a Hugging Face state dict / `.safetensors` file.
 
     The layout and the size are read from the keys; `arch` (e.g. 'vitl16'), when given, must match the file.
+    Anything that is not such a checkpoint raises ValueError naming the file and what it holds.
     """
-    state = path_or_state_dict
-    if isinstance(state, (str, os.PathLike)):
-        path = os.fspath(state)
-        if not os.path.isfile(path):
-            name = DINOV3_FILES.get(arch or "vitl16")
-            raise FileNotFoundError(f"DINOv3 weights not found at {path}: expected {name} (or its model.safetensors); "
-                                    + DINOV3_SOURCE.format(arch=arch or "vitl16"))
-        state = read_safetensors(path) if path.endswith(".safetensors") else \
-            torch.load(path, map_location="cpu", weights_only=True)
+    if arch is not None and arch not in VIT_ARCHS:
+        raise ValueError(f"unknown DINOv3 arch {arch!r}; choose from {sorted(VIT_ARCHS)}")
+    source = path_or_state_dict
+    is_path = isinstance(source, (str, os.PathLike))
+    where = os.fspath(source) if is_path else "the state dict"
+    state = read_dinov3_file(where, arch) if is_path else source
     if any(k.removeprefix("model.").startswith(("embeddings.", "layer.")) for k in state):
         state = hf_to_official(state)
     if "cls_token" not in state or "patch_embed.proj.weight" not in state:
-        raise ValueError("not a DINOv3 ViT checkpoint: no cls_token / patch_embed.proj.weight key")
+        raise ValueError(f"{where} {NOT_DINOV3}: it has no cls_token / patch_embed.proj.weight")
     state = {k: v for k, v in state.items() if not k.startswith("local_cls_norm.")}  # SAT-493M extra, unused
     config = vit_config_from_state(state)
     if arch is not None:
-        if arch not in VIT_ARCHS:
-            raise ValueError(f"unknown DINOv3 arch {arch!r}; choose from {sorted(VIT_ARCHS)}")
         want = dict(zip(("embed_dim", "depth", "num_heads"), VIT_ARCHS[arch]))
         if any(config[k] != v for k, v in want.items()):
-            raise ValueError(f"checkpoint holds a ViT with width {config['embed_dim']} and depth {config['depth']}, "
-                             f"not {arch} (width {want['embed_dim']}, depth {want['depth']})")
+            raise ValueError(f"{where} holds a ViT of width {config['embed_dim']}, depth {config['depth']}, "
+                             f"{config['num_heads']} heads, not {arch} (width {want['embed_dim']}, depth "
+                             f"{want['depth']}, {want['num_heads']} heads)")
     with torch.device("meta"):
         vit = DinoVisionTransformer(**config)
-    missing, unexpected = vit.state_dict().keys() - state.keys(), state.keys() - vit.state_dict().keys()
-    if missing or unexpected:
-        raise ValueError(f"DINOv3 checkpoint does not match: missing keys {sorted(missing)}, "
-                         f"unexpected keys {sorted(unexpected)}")
+    expected = vit.state_dict()
+    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+    wrong = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(f"{where} does not match a DINOv3 ViT: missing keys {sorted(missing)[:5]}, unexpected keys "
+                         f"{sorted(unexpected)[:5]}, wrong shapes {wrong[:5]}")
     vit.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
     return vit.requires_grad_(False).eval()
 
 
 #################################################################################
-#                  DINO-SAE encoder: conv stem + frozen ViT (§3.1)              #
+#            Hierarchical conv stem and the DINO-SAE encoder (§3.1–3.2)         #
 #################################################################################
+# The student is the frozen DINOv3 transformer fed by a trainable conv stem instead of the single 16×16 patch
+# convolution; the teacher is the untouched DINOv3. Eq. 6 aligns only the directions of the student's tokens z_S with
+# the teacher's, so their magnitudes stay free to carry detail: the decoder sees z_S exactly as the student makes it.
 
 class StemResBlock(nn.Module):
     def __init__(self, ch):
@@ -381,8 +424,9 @@ class StemResBlock(nn.Module):
 
 
 class ConvStem(nn.Module):
-    """Hierarchical 4-stage stem replacing the single 16×16 patch convolution: each stage halves the resolution, so
-    fine detail is summarised progressively instead of in one linear projection (paper §3.1, SPEC §2.1)."""
+    """Hierarchical convolutional patch embedding (§3.1): four stages, each halving the resolution, so fine detail is
+    summarised progressively instead of by one linear projection of 16×16 patches. The paper gives only "four-stage
+    CNN"; the block design is ours (README, differences from the paper)."""
 
     def __init__(self, out_dim, widths=(128, 256, 512, 1024)):
         super().__init__()
@@ -399,37 +443,29 @@ class ConvStem(nn.Module):
 
 
 class DinoSAEEncoder(nn.Module):
-    """Student = trainable stem + the frozen DINOv3 transformer; teacher = the untouched DINOv3 (one shared copy).
-
-    The latent is the student's normed patch tokens put on a sphere of radius R = sqrt(C) per token (SPEC §2.1, D1):
-    the cosine alignment fixes only their direction, so the magnitude carries no information worth decoding.
-    """
+    """Student = trainable stem + the frozen DINOv3 transformer; teacher = the untouched DINOv3 (one shared copy)."""
 
     def __init__(self, vit, stem_widths=(128, 256, 512, 1024)):
         super().__init__()
         self.vit = vit.requires_grad_(False).eval()
         self.stem = ConvStem(vit.embed_dim, stem_widths)
-        self.radius = math.sqrt(vit.embed_dim)
 
     def student_tokens(self, x):
-        """x in [-1, 1] -> normed patch tokens z_S [B, N, D]; gradients flow through the frozen ViT to the stem."""
+        """x in [-1, 1] -> z_S [B, N, D], the normed patch tokens; gradients flow through the frozen ViT to the stem."""
         x = imagenet_normalize(x)
         return self.vit.features_from_patches(self.stem(x))["x_norm_patchtokens"]
 
     @torch.no_grad()
     def teacher_tokens(self, x):
+        """x in [-1, 1] -> z_T [B, N, D], the teacher's normed patch tokens (the target of Eq. 6)."""
         return self.vit.forward_features(imagenet_normalize(x))["x_norm_patchtokens"]
 
-    def to_sphere(self, z_s, h, w):
-        z = self.radius * F.normalize(z_s.float(), dim=-1)
-        return z.transpose(1, 2).reshape(z.shape[0], -1, h, w)
-
     def forward(self, x, with_teacher=False):
-        """Returns the spherical latent z [B, C, h, w], and z_S, z_T [B, N, D] when the teacher is asked for."""
+        """-> z [B, C, h, w] (z_S laid out as an image: the decoder's input), z_s [B, N, D], and z_t when asked."""
         check_images(x, self.vit.patch_size)
         h, w = x.shape[2] // self.vit.patch_size, x.shape[3] // self.vit.patch_size
         z_s = self.student_tokens(x)
-        out = {"z": self.to_sphere(z_s, h, w), "z_s": z_s}
+        out = {"z": z_s.transpose(1, 2).unflatten(2, (h, w)), "z_s": z_s}
         if with_teacher:
             out["z_t"] = self.teacher_tokens(x)
         return out
@@ -439,8 +475,11 @@ class DinoSAEEncoder(nn.Module):
 
 
 #################################################################################
-#                           DC-AE decoder (§3.3, SPEC §2.2)                     #
+#                           DC-AE decoder (§3.3)                                #
 #################################################################################
+# The decoder of DC-AE's f32c32-in-1.0 without its deepest 8×8 stage ("f16-in"), fed by the 1024-channel latent:
+# ResBlocks with BatchNorm at 128 and 64 px, EfficientViT blocks (ReLU linear attention + GLU MBConv) at 32 and 16 px,
+# pixel-shuffle upsampling with a channel-duplicating shortcut. Key names follow the official DC-AE decoder.
 
 class RMSNorm2d(nn.Module):
     """RMS normalisation over channels with weight and bias, computed in fp32 ("trms2d")."""
@@ -474,10 +513,14 @@ class AllReduceSum(torch.autograd.Function):
 
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the global batch across DDP ranks, on any backend (torch's
-    SyncBatchNorm is GPU-only), so N ranks train exactly like one process on the same global batch."""
+    SyncBatchNorm is GPU-only), so N ranks train exactly like one process on the same global batch. A forward re-run
+    by activation checkpointing normalises identically but leaves the running statistics alone."""
 
     def forward(self, x):
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            if self.training and _Recompute.active:  # same kernel, throw-away running buffers
+                return F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(), self.weight, self.bias,
+                                    True, self.momentum, self.eps)
             return super().forward(x)
         xf, C = x.float(), x.shape[1]
         count = torch.full((1,), x.numel() / C, device=x.device)
@@ -485,10 +528,11 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         n = sums[-1]
         mean = sums[:C] / n
         var = AllReduceSum.apply((xf - mean.view(1, C, 1, 1)).square().sum((0, 2, 3))) / n  # two passes: no cancellation
-        with torch.no_grad():
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * n / (n - 1), self.momentum)
-            self.num_batches_tracked += 1
+        if not _Recompute.active:
+            with torch.no_grad():
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(var * n / (n - 1), self.momentum)
+                self.num_batches_tracked += 1
         y = (xf - mean.view(1, C, 1, 1)) * torch.rsqrt(var.view(1, C, 1, 1) + self.eps)
         return (y * self.weight.view(1, C, 1, 1) + self.bias.view(1, C, 1, 1)).to(x.dtype)
 
@@ -580,11 +624,6 @@ class LiteMLA(nn.Module):
         out = (v @ k.transpose(-1, -2)) @ q
         return out[:, :, :-1] / (out[:, :, -1:] + self.eps)
 
-    def quadratic_attention(self, x):
-        q, k, v = self.split_heads(x)
-        scores = k.transpose(-1, -2) @ q  # [B, heads, M, N]: k_m · q_n
-        return (v @ scores) / (scores.sum(dim=2, keepdim=True) + self.eps)
-
     def forward(self, x):
         B, C, H, W = x.shape
         out = self.linear_attention(self.qkv(x)).reshape(B, C, H, W).to(x.dtype)
@@ -646,6 +685,8 @@ DCAE_CONFIGS = {
 class DCAEDecoder(nn.Module):
     """DC-AE decoder: project_in -> stages from deepest to shallowest (×2 each) -> norm, act, ×2 pixel-shuffle conv."""
 
+    grad_checkpointing = False  # recompute each stage's activations in backward
+
     def __init__(self, latent_channels, widths, depths, blocks, norms, acts, out_channels=3):
         super().__init__()
         self.latent_channels = latent_channels
@@ -667,7 +708,7 @@ class DCAEDecoder(nn.Module):
 
     @property
     def last_layer_weight(self):
-        """The weight the adaptive GAN weight is measured on (SPEC §2.3)."""
+        """W of the adaptive GAN weight λ = ‖∇_W L_rec‖ / ‖∇_W L_G‖ (VQGAN's choice: the decoder's last conv)."""
         return self.project_out.op_list[-1].conv.conv.weight
 
     def forward(self, z):
@@ -676,7 +717,7 @@ class DCAEDecoder(nn.Module):
         x = self.project_in(z)
         for stage in reversed(self.stages):
             if len(stage.op_list):
-                x = stage(x)
+                x = maybe_checkpoint(self.grad_checkpointing, stage, x)
         return self.project_out(x)
 
 
@@ -687,8 +728,58 @@ def dcae_decoder(name="f16-in"):
 
 
 #################################################################################
-#                    DINO discriminator (§3.3, SPEC §2.4)                       #
+#                  DINO-SAE: the autoencoder and its latents (§3.2–3.4)          #
 #################################################################################
+# The decoder reads z_S as the student makes it (§3.2: the cosine loss leaves the magnitude free for detail). The
+# generator models only directions (§3.4): its latent is x = R·z_S/‖z_S‖ per token, R = √C (unit per-channel scale,
+# so Gaussian-noise conventions and the time shift keep their meaning), and a point x of that product of spheres is
+# decoded at ρ/R·x, ρ the mean token norm of z_S over the training images (measured by train_ae.py).
+
+def add_latent_noise(z, tau):
+    """Eq. 10: z + σ·ε with σ ~ U(0, τ) per sample, so the decoder tolerates the generator's imperfect latents."""
+    sigma = torch.rand(z.shape[0], 1, 1, 1, device=z.device) * tau
+    return z + sigma * torch.randn_like(z)
+
+
+class DinoSAE(nn.Module):
+    """Encoder (stem + frozen DINOv3) and DC-AE decoder; `rho` is the mean token norm of z_S on the training images.
+    The encoder may be None when only the decoder is needed (sampling)."""
+
+    def __init__(self, encoder, decoder, rho=None):
+        super().__init__()
+        if encoder is not None and decoder.latent_channels != encoder.vit.embed_dim:
+            raise ValueError(f"decoder latent_channels {decoder.latent_channels} != DINOv3 width {encoder.vit.embed_dim}")
+        self.encoder, self.decoder, self.rho = encoder, decoder, rho
+        self.radius = math.sqrt(decoder.latent_channels)
+
+    def forward(self, x, with_teacher=False, noise_tau=0.0):
+        """Images in [-1, 1] -> dict(z, z_s, [z_t], x_hat); in training mode Eq. 10's noise is added to z."""
+        stem_trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.encoder.stem.parameters())
+        with torch.set_grad_enabled(stem_trains):  # stages 3-4 never build the encoder's graph
+            enc = self.encoder(x, with_teacher=with_teacher)
+        z = enc["z"]
+        if self.training and noise_tau > 0:
+            z = add_latent_noise(z, noise_tau)  # Eq. 10
+        return dict(enc, x_hat=self.decoder(z))
+
+    def encode_sphere(self, x):
+        """Images -> the generator's latent [B, C, h, w]: every token of z_S on the sphere of radius R (Eq. 11)."""
+        return project_sphere(self.encoder.encode(x).float(), self.radius)
+
+    def decode_sphere(self, x):
+        """A point of the product of spheres (tokens of norm R) -> images. The one place a sphere point is rescaled:
+        the decoder sees it at the mean token norm ρ of the z_S it was trained on."""
+        if self.rho is None:
+            raise ValueError("this autoencoder has no measured mean token norm rho (a checkpoint of train_ae.py has it)")
+        return self.decoder(x * (self.rho / self.radius))
+
+
+#################################################################################
+#                       DINO discriminator (§3.3)                               #
+#################################################################################
+# Adversarial adaptation (stage 2 onwards): a projected discriminator in the StyleGAN-T / RAE design, trainable heads on
+# four taps of a frozen DINOv3 ViT-S/16 (the paper says only "DINO-Disc"; README, differences from the paper), hinge
+# loss, DiffAugment on real and fake alike.
 
 def diff_augment(x, generator=None):
     """DiffAugment 'color,translation' on [-1, 1] images, applied with probability 1 to real and fake alike."""
@@ -789,7 +880,7 @@ class DinoDiscriminator(nn.Module):
 
 
 #################################################################################
-#        Diffusion transformers on the spherical latent (§3.4, SPEC §3)         #
+#           Diffusion transformers on the spherical latent (§3.4, §4.2)         #
 #################################################################################
 # LightningDiT and DiT^DH as in RAE's code: pre-norm blocks with RMSNorm, adaLN-Zero, 2D axial RoPE on q and k,
 # SwiGLU MLP; patch size 1, so every latent position is one token (row-major). DiT^DH (RAE's "DDT") adds a wide,
@@ -971,6 +1062,8 @@ class _LatentDiT(nn.Module):
 
 
 class LightningDiT(_LatentDiT):
+    grad_checkpointing = False  # recompute each block's activations in backward
+
     def __init__(self, input_size=16, in_channels=1024, num_classes=1000, hidden_size=1152, depth=28, num_heads=16):
         super().__init__()
         self._setup_io(input_size, in_channels, num_classes, hidden_size)
@@ -986,13 +1079,15 @@ class LightningDiT(_LatentDiT):
         c = (self.t_embedder(t) + self.y_embedder(y))[:, None]
         h = self.x_embedder(to_tokens(x)) + self.pos_embed
         for block in self.blocks:
-            h = block(h, c, self.rope)
+            h = maybe_checkpoint(self.grad_checkpointing, block, h, c, self.rope)
         return to_image(self.final_layer(h, c), self.input_size)
 
 
 class DiTDH(_LatentDiT):
     """DiT^DH: a LightningDiT body (width hidden_size) plus a wide head (head_depth blocks of width head_hidden_size)
     that re-embeds x_t and takes its adaLN shift/scale/gate per token from the body's output."""
+
+    grad_checkpointing = False  # recompute each block's activations in backward
 
     def __init__(self, input_size=16, in_channels=1024, num_classes=1000, hidden_size=1152, depth=28, num_heads=16,
                  head_hidden_size=2048, head_depth=2, head_num_heads=16):
@@ -1016,11 +1111,11 @@ class DiTDH(_LatentDiT):
         tokens = to_tokens(x)
         s = self.s_embedder(tokens) + self.pos_embed
         for block in self.blocks:
-            s = block(s, c, self.rope)
+            s = maybe_checkpoint(self.grad_checkpointing, block, s, c, self.rope)
         s = self.s_projector(F.silu(s + t_emb))  # bridge: per-token condition for the head
         h = self.x_embedder(tokens)  # no absolute position embedding in the head: RoPE only
         for block in self.head:
-            h = block(h, s, self.head_rope)
+            h = maybe_checkpoint(self.grad_checkpointing, block, h, s, self.head_rope)
         return to_image(self.final_layer(h, s), self.input_size)
 
 

@@ -33,7 +33,7 @@ from losses import adaptive_weight, alignment_loss, build_lpips, hinge_d_loss, h
 from model import (AxialRoPE, ChannelDuplicatingUpsample, DCAE_CONFIGS, dcae_decoder, DCAEDecoder, DinoDiscriminator,
                    DinoSAEEncoder, dinov3_vit, DinoVisionTransformer, DiT_models, DIT_SIZES, DiTDH,
                    imagenet_normalize, LightningDiT, LiteMLA, load_dinov3, RMSNorm2d, RoPEAttention,
-                   sincos_pos_embed_2d, to_image, to_tokens, write_safetensors)
+                   sincos_pos_embed_2d, to_image, to_tokens)
 from train_ae import build_autoencoder, load_autoencoder, make_tiny_weights, TINY_CONFIG
 from train_utils import (all_finite, center_crop_arr, check_batch, CheckpointManager, collate_skip, HorizontalFlip,
                          ImageFolderDataset, Logger, make_loader, NonFiniteGuard, PreemptionHandler,
@@ -78,6 +78,21 @@ def _model_to_hf(state):
                    f"layer.{i}.attention.v_proj.weight": v, f"layer.{i}.attention.q_proj.bias": qb,
                    f"layer.{i}.attention.v_proj.bias": vb})
     return hf
+
+
+def _model_write_safetensors(state, path):
+    """A safetensors file as the format defines it: u64 little-endian header length, JSON header (dtype, shape, byte
+    offsets), raw little-endian tensor bytes."""
+    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+    header, blobs, offset = {}, [], 0
+    for name, t in state.items():
+        blob = t.detach().contiguous().view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
 
 
 def _model_reference_vit(vit, x):
@@ -146,7 +161,7 @@ def test_official_and_hf_layouts_give_same_outputs(tmp_path):
     assert state["rope_embed.periods"].equal(state["rope_embed.periods"].bfloat16().float())
     assert state["blocks.0.attn.qkv.bias"][128:256].abs().sum() > 0  # k bias stored but masked
     torch.save(state, tmp_path / "official.pth")
-    write_safetensors(_model_to_hf(state), tmp_path / "model.safetensors")
+    _model_write_safetensors(_model_to_hf(state), tmp_path / "model.safetensors")
     x = torch.randn(2, 3, 32, 48)
     ref = vit.forward_features(x)
     for source in (tmp_path / "official.pth", tmp_path / "model.safetensors", str(tmp_path / "model.safetensors"),
@@ -325,17 +340,18 @@ def test_duplicating_shortcut_r4_is_nearest_upsample():
     assert torch.equal(up(x), F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
-def test_lite_mla_linear_equals_quadratic_and_formula():
+def test_lite_mla_linear_attention_equals_the_quadratic_formula():
+    """out_n = Σ_m v_m (k_m·q_n) / (Σ_m k_m·q_n + eps), ReLU on q and k, written out with explicit scores per head."""
     torch.manual_seed(0)
     mla = LiteMLA(64, "trms2d")
     qkv = torch.randn(2, 192, 3, 5)
-    lin, quad = mla.linear_attention(qkv), mla.quadratic_attention(qkv)
-    assert torch.allclose(lin, quad, atol=1e-5, rtol=1e-4)
-    q, k, v = qkv.reshape(2, 2, 96, 15).split(32, dim=2)  # head 0 of sample 0 by the SPEC formula
-    q, k = q.relu()[0, 0], k.relu()[0, 0]
-    scores = k.T @ q
-    expect = v[0, 0] @ scores / (scores.sum(0) + 1e-15)
-    assert torch.allclose(lin[0, 0], expect, atol=1e-5, rtol=1e-4)
+    lin = mla.linear_attention(qkv)
+    for b in range(2):
+        for head in range(2):
+            q, k, v = qkv[b].reshape(2, 96, 15)[head].split(32)  # head-major channels: q, k, v of one head
+            scores = k.relu().T @ q.relu()  # [M, N]: k_m · q_n
+            expect = v @ scores / (scores.sum(0) + 1e-15)
+            assert torch.allclose(lin[b, head], expect, atol=1e-5, rtol=1e-4)
 
 
 def test_rms_norm_2d_formula():
