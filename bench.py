@@ -36,10 +36,10 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 import train_utils as tu
 from fid import inception_features, random_inception
 from losses import build_lpips
-from model import DiT_models, DinoDiscriminator, DinoSAEEncoder, DCAEDecoder, dinov3_vit, imagenet_normalize
+from model import DiT_models, DinoDiscriminator, DinoSAE, DinoSAEEncoder, DCAEDecoder, dinov3_vit, imagenet_normalize
 from rfm import project_sphere, rfm_loss, shift_alpha
 from sample import sample_latents
-from train_ae import STAGES, TINY_CONFIG, AutoEncoder, decoder_config, discriminator_loss, generator_loss, tiny_dinov3
+from train_ae import STAGES, TINY_CONFIG, decoder_config, discriminator_loss, generator_loss, tiny_dinov3
 from train_dit import FAMILY_DEFAULTS, TINY_HEAD, TINY_SIZE, drop_labels, update_ema
 
 PRESETS = {
@@ -122,7 +122,7 @@ def ae_stage2_step(preset, batch, device, autocast, channels_last):
     """One stage-2 step of train_ae.py: generator loss (alignment, L1, LPIPS, adaptive-weighted GAN) and AdamW step,
     then the discriminator's hinge loss and AdamW step."""
     p, stage = PRESETS[preset], STAGES[2]
-    ae = AutoEncoder(DinoSAEEncoder(encoder_vit(preset), p["stem_widths"]), decoder(preset)).to(device).train()
+    ae = DinoSAE(DinoSAEEncoder(encoder_vit(preset), p["stem_widths"]), decoder(preset)).to(device).train()
     if channels_last:
         ae.decoder.to(memory_format=torch.channels_last)
     disc = DinoDiscriminator(disc_vit(preset), resolution=p["disc_resolution"]).to(device)
@@ -135,14 +135,14 @@ def ae_stage2_step(preset, batch, device, autocast, channels_last):
     def step():
         disc.requires_grad_(False)
         with autocast():
-            loss, _, x_hat = generator_loss(ae, lpips, disc, x, stage)
+            loss, _, out = generator_loss(ae, lpips, disc, x, stage)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         check_finite(loss, params)
         opt.step()
         disc.requires_grad_(True)
         with autocast():
-            d_loss = discriminator_loss(disc, x, x_hat)
+            d_loss = discriminator_loss(disc, x, out["x_hat"])
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         check_finite(d_loss, disc.parameters())
@@ -215,7 +215,7 @@ EXACT_FP32 = {"inception_features"}  # fid.py turns autocast and TF32 off: its m
 
 def check_finite(loss, params):
     """The trainers skip non-finite steps; a benchmark that skipped its optimizer step would time less work."""
-    if not tu.all_finite(loss, params):
+    if not tu.finite(loss, tu.grad_norm(list(params))):
         raise RuntimeError("non-finite loss or gradient in a benchmark step")
 
 

@@ -45,6 +45,24 @@ def imagenet_normalize(x):
     return ((x + 1) / 2 - mean) / std
 
 
+class BatchRandom:
+    """Random draws for a batch, one row per sample: rand / randn / randint(low, high, *shape) -> [B, *shape], from
+    torch's global generator. The trainers pass train_utils.SampleRNG instead (one generator per sample, so a training
+    step draws the same numbers whatever the number of ranks or micro-batches)."""
+
+    def __init__(self, batch, device):
+        self.batch, self.device = batch, device
+
+    def rand(self, *shape):
+        return torch.rand(self.batch, *shape, device=self.device)
+
+    def randn(self, *shape):
+        return torch.randn(self.batch, *shape, device=self.device)
+
+    def randint(self, low, high, *shape):
+        return torch.randint(low, high, (self.batch, *shape), device=self.device)
+
+
 class _Recompute:
     active = False  # True while activation checkpointing re-runs a forward inside backward
 
@@ -735,10 +753,11 @@ def dcae_decoder(name="f16-in"):
 # so Gaussian-noise conventions and the time shift keep their meaning), and a point x of that product of spheres is
 # decoded at ρ/R·x, ρ the mean token norm of z_S over the training images (measured by train_ae.py).
 
-def add_latent_noise(z, tau):
+def add_latent_noise(z, tau, rng=None):
     """Eq. 10: z + σ·ε with σ ~ U(0, τ) per sample, so the decoder tolerates the generator's imperfect latents."""
-    sigma = torch.rand(z.shape[0], 1, 1, 1, device=z.device) * tau
-    return z + sigma * torch.randn_like(z)
+    rng = rng or BatchRandom(z.shape[0], z.device)
+    sigma = rng.rand(1, 1, 1) * tau
+    return z + (sigma * rng.randn(*z.shape[1:])).to(z.dtype)
 
 
 class DinoSAE(nn.Module):
@@ -752,14 +771,14 @@ class DinoSAE(nn.Module):
         self.encoder, self.decoder, self.rho = encoder, decoder, rho
         self.radius = math.sqrt(decoder.latent_channels)
 
-    def forward(self, x, with_teacher=False, noise_tau=0.0):
+    def forward(self, x, with_teacher=False, noise_tau=0.0, rng=None):
         """Images in [-1, 1] -> dict(z, z_s, [z_t], x_hat); in training mode Eq. 10's noise is added to z."""
         stem_trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.encoder.stem.parameters())
         with torch.set_grad_enabled(stem_trains):  # stages 3-4 never build the encoder's graph
             enc = self.encoder(x, with_teacher=with_teacher)
         z = enc["z"]
         if self.training and noise_tau > 0:
-            z = add_latent_noise(z, noise_tau)  # Eq. 10
+            z = add_latent_noise(z, noise_tau, rng)  # Eq. 10
         return dict(enc, x_hat=self.decoder(z))
 
     def encode_sphere(self, x):
@@ -781,27 +800,23 @@ class DinoSAE(nn.Module):
 # four taps of a frozen DINOv3 ViT-S/16 (the paper says only "DINO-Disc"; README, differences from the paper), hinge
 # loss, DiffAugment on real and fake alike.
 
-def diff_augment(x, generator=None):
-    """DiffAugment 'color,translation' on [-1, 1] images, applied with probability 1 to real and fake alike."""
-    B, device = x.shape[0], x.device
-
-    def rand(*shape):
-        return torch.rand(*shape, generator=generator, device=device, dtype=x.dtype)
-
-    x = x + (rand(B, 1, 1, 1) - 0.5)
+def diff_augment(x, rng=None):
+    """DiffAugment 'color,translation' on [-1, 1] images, applied with probability 1 to real and fake alike:
+    brightness + U(-0.5, 0.5), saturation × U(0, 2), contrast × U(0.5, 1.5), then a translation."""
+    rng = rng or BatchRandom(x.shape[0], x.device)
+    x = x + (rng.rand(1, 1, 1).to(x.dtype) - 0.5)
     mean = x.mean(dim=1, keepdim=True)
-    x = (x - mean) * (rand(B, 1, 1, 1) * 2) + mean
+    x = (x - mean) * (rng.rand(1, 1, 1).to(x.dtype) * 2) + mean
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * (rand(B, 1, 1, 1) + 0.5) + mean
-    return translate(x, generator)
+    x = (x - mean) * (rng.rand(1, 1, 1).to(x.dtype) + 0.5) + mean
+    return translate(x, rng)
 
 
-def translate(x, generator=None, ratio=0.125):
+def translate(x, rng, ratio=0.125):
     """Shift each image by an integer offset in [-ratio·side, ratio·side], filling with zeros."""
     B, _, H, W = x.shape
     sy, sx = int(H * ratio + 0.5), int(W * ratio + 0.5)
-    dy = torch.randint(-sy, sy + 1, (B, 1, 1), generator=generator, device=x.device)
-    dx = torch.randint(-sx, sx + 1, (B, 1, 1), generator=generator, device=x.device)
+    dy, dx = rng.randint(-sy, sy + 1, 1, 1), rng.randint(-sx, sx + 1, 1, 1)
     rows = (torch.arange(H, device=x.device).view(1, H, 1) + dy).clamp(-1, H)
     cols = (torch.arange(W, device=x.device).view(1, 1, W) + dx).clamp(-1, W)
     padded = F.pad(x, (1, 1, 1, 1))  # index -1 and H/W land on the zero border
@@ -870,10 +885,10 @@ class DinoDiscriminator(nn.Module):
         self.feature_net._apply(fn, *args, **kwargs)
         return super()._apply(fn, *args, **kwargs)
 
-    def forward(self, x, generator=None):
-        """x in [-1, 1] -> logits [B, heads · tokens]."""
+    def forward(self, x, rng=None):
+        """x in [-1, 1] -> logits [B, heads · tokens]; `rng` draws the augmentation (model.BatchRandom interface)."""
         check_images(x, 1)
-        x = diff_augment(x.float(), generator)  # real (fp32) and fake (bf16 under autocast) augmented alike
+        x = diff_augment(x.float(), rng)  # real (fp32) and fake (bf16 under autocast) augmented alike
         x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
         feats = self.feature_net.get_intermediate_layers(imagenet_normalize(x), n=self.taps, norm=False)
         return torch.cat([head(f.transpose(1, 2)).flatten(1) for head, f in zip(self.heads, feats)], dim=1)

@@ -230,7 +230,8 @@ def load_ae(args, device):
     if not os.path.exists(args.ae):
         raise FileNotFoundError(f"no autoencoder checkpoint at {args.ae}: train one with train_ae.py (stages 1-4; "
                                 "--preset tiny writes runs/tiny/ae/stage4) or pass --ae")
-    return load_autoencoder(args.ae, device, dino_weights=args.dino_weights)
+    ae, state = load_autoencoder(args.ae, device, dino_weights=args.dino_weights)
+    return ae, state["config"]
 
 
 def report(result, args):

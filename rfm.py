@@ -373,3 +373,15 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+def flow_matching_loss(model, x_data, x_noise, t, y, radius, euclidean=False, tangent=False):  # TEMP until merge
+    x_data = x_data.to(torch.promote_types(x_data.dtype, torch.float32))
+    if euclidean:
+        x_t, target = linear_path(x_data, x_noise, t)
+    else:
+        x_t, target = geodesic_path(x_data, x_noise, t, radius)
+    v = model(x_t, t, y)
+    if tangent:
+        v = project_tangent(x_t, v, radius)
+    return ((v - target) ** 2).mean()

@@ -1,18 +1,20 @@
-"""Generation and reconstruction for evaluation (paper App. A and §4, SPEC §4-5).
+"""Generation and reconstruction for evaluation (paper App. A and §4).
 
 Generation: the EMA DiT carries noise (t = 1) to latents (t = 0) with Euler + projection (Alg. 2) or Rodrigues
 rotations (Alg. 1) on the spheres, or with plain Euler from Gaussian noise for a DiT trained by Euclidean flow matching;
-classifier-free guidance acts on all channels inside a t interval; the DINO-SAE decoder turns latents into images.
-Labels are class-balanced (sample i has class i mod K: 50 per class for 50k ImageNet samples) and sample i's noise
-depends only on (seed, i), so the images do not depend on the number of ranks or the batch size. Output: an npz in the
-ADM evaluator's format (`arr_0` uint8 [N,H,W,3] = clamp(127.5x + 128), `arr_1` the labels) and a PNG grid.
+classifier-free guidance acts on all channels inside a t interval; the DINO-SAE decoder turns the sphere points into
+images (model.DinoSAE.decode_sphere; only the decoder is loaded). Labels are class-balanced by default (sample i has
+class i mod K: 50 per class for 50k ImageNet samples, RAE's "equal" sampling) or drawn at random (`--label-sampling
+random`, as DiT/ADM); sample i's noise depends only on (seed, i), so the images do not depend on the number of ranks or
+the batch size. Output: an npz in the ADM evaluator's format (`arr_0` uint8 [N,H,W,3] = clamp(127.5x + 128), `arr_1`
+the labels) and a PNG grid.
 
     torchrun --nproc_per_node=8 sample.py --dit runs/dit --num-samples 50000 --cfg-scale 1.0 --sampler euler-proj \\
         --steps 50 --out samples.npz
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz
 
-Reconstruction (rFID, PSNR): the ADM center crops of a folder's images and their DINO-SAE reconstructions, in the same
-order, as <out>_originals.npz and <out>_reconstructions.npz.
+Reconstruction (rFID, PSNR): the ADM center crops of a folder's images and their DINO-SAE reconstructions (the decoder
+reading z_S), in the same order, as <out>_originals.npz and <out>_reconstructions.npz.
 
     torchrun --nproc_per_node=8 sample.py --recon --ae runs/ae/stage4 --data /data/imagenet/val --out recon
     python fid.py recon_reconstructions.npz recon_originals.npz --paired
@@ -28,7 +30,7 @@ import torch
 import train_utils as tu
 from model import DiT_models
 from rfm import guided_velocity, project_sphere, sample_euler, sample_euler_proj, sample_rodrigues, shift_alpha
-from train_ae import FULL_CONFIG, TINY_CONFIG, load_autoencoder, print0
+from train_ae import image_size, load_autoencoder
 
 SAMPLERS = ("euler-proj", "rodrigues", "euler")
 GRID_IMAGES = 64
@@ -40,22 +42,17 @@ GRID_IMAGES = 64
 
 def load_dit(path, device):
     """The EMA DiT of a train_dit.py checkpoint file or run folder (frozen, eval mode) -> (model, checkpoint)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"DiT checkpoint {path} does not exist: train one with train_dit.py or pass --dit")
-    if os.path.isdir(path):
-        state = tu.CheckpointManager(path).load("auto")
-    else:
-        state = tu.CheckpointManager(os.path.dirname(path) or ".").load(path)
-    if state is None or state.get("kind") != "dino-sae-dit":
-        raise ValueError(f"{path} holds no DiT checkpoint written by train_dit.py")
+    state, _ = tu.load_checkpoint(path, "dino-sae-dit", "--dit")
     model = DiT_models[state["model_name"]](**state["model_kwargs"])
     model.load_state_dict(state["ema"])
     return model.requires_grad_(False).eval().to(device), state
 
 
-def class_balanced_labels(num_samples, num_classes):
-    """Sample i has class i mod K: every class appears num_samples / K times (±1 when K does not divide it)."""
-    return torch.arange(num_samples) % num_classes
+def sample_labels(num_samples, num_classes, how, seed):
+    """'equal': sample i has class i mod K (every class num_samples / K times, ±1); 'random': uniform, seeded."""
+    if how == "equal":
+        return torch.arange(num_samples) % num_classes
+    return torch.randint(num_classes, (num_samples,), generator=torch.Generator().manual_seed(seed))
 
 
 def initial_noise(indices, model, radius, euclidean, seed, device):
@@ -79,34 +76,30 @@ def sample_latents(model, labels, noise, radius, alpha, sampler, steps, cfg_scal
     return sample_euler(velocity, noise, alpha, steps)
 
 
-def to_uint8(images):
-    """[-1, 1] images [B,3,H,W] -> uint8 [B,H,W,3] on the CPU, as the ADM evaluator's samples: clamp(127.5x + 128)."""
-    return (127.5 * images.float() + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
 def generate(args):
     rank, world, device = tu.setup_distributed()
+    check_shares(args.num_samples, world)
     model, state = load_dit(args.dit, device)
     sampler = args.sampler or ("euler" if state["euclidean"] else "euler-proj")
     if (sampler == "euler") != state["euclidean"]:
         trained, use = ("Euclidean", "euler") if state["euclidean"] else ("Riemannian", "euler-proj or rodrigues")
-        raise ValueError(f"{args.dit} was trained with {trained} flow matching: use --sampler {use}")
-    ae = load_decoding_autoencoder(args.ae or state["ae"], model, device, args.dino_weights)
-    radius, alpha = ae.encoder.radius, shift_alpha(model.input_size ** 2, model.in_channels)
-    check_shares(args.num_samples, world)
-    labels = class_balanced_labels(args.num_samples, model.num_classes)
+        raise tu.UsageError(f"{args.dit} was trained with {trained} flow matching: use --sampler {use}")
+    ae = load_decoder(args.ae or state["ae"], model, device)
+    alpha = shift_alpha(model.input_size ** 2, model.in_channels)
+    labels = sample_labels(args.num_samples, model.num_classes, args.label_sampling, args.seed)
     mine = list(range(rank, args.num_samples, world))
-    print0(f"{args.num_samples} samples of {state['model_name']} (EMA, step {state['progress']['step']}), "
-           f"{sampler} {args.steps} steps, CFG {args.cfg_scale} on t in {args.cfg_interval}, {world} rank(s)")
+    tu.print0(f"{args.num_samples} samples of {state['model_name']} (EMA, step {state['progress']['step']}), "
+              f"{sampler} {args.steps} steps, CFG {args.cfg_scale} on t in {args.cfg_interval}, "
+              f"{args.label_sampling} labels, {world} rank(s)")
     images = []
     bar = tu.progress_bar(len(mine), desc="sampling")
     for start in range(0, len(mine), args.batch_size):
         indices = mine[start:start + args.batch_size]
-        noise = initial_noise(indices, model, radius, state["euclidean"], args.seed, device)
+        noise = initial_noise(indices, model, ae.radius, state["euclidean"], args.seed, device)
         with torch.no_grad(), tu.autocast(device, args.precision):
-            z = sample_latents(model, labels[indices].to(device), noise, radius, alpha, sampler, args.steps,
+            z = sample_latents(model, labels[indices].to(device), noise, ae.radius, alpha, sampler, args.steps,
                                args.cfg_scale, tuple(args.cfg_interval))
-            images.append(to_uint8(ae.decoder(z)))
+            images.append(tu.to_uint8(ae.decode_sphere(z)))
         bar.update(len(indices))
     bar.close()
     images = torch.cat(images).numpy()
@@ -118,19 +111,17 @@ def generate(args):
         save_npz(args.out, arr_0=arr, arr_1=labels.numpy())
         save_grid(arr[:GRID_IMAGES], args.out[:-len(".npz")] + ".png")
         remove(shards)
-        print0(f"wrote {args.out} (arr_0 {arr.shape} uint8) and its grid")
+        tu.print0(f"wrote {args.out} (arr_0 {arr.shape} uint8) and its grid")
     tu.cleanup_distributed()
 
 
-def load_decoding_autoencoder(path, model, device, dino_weights):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"autoencoder checkpoint {path} does not exist (the DiT checkpoint names the one it "
-                                "was trained on): pass --ae")
-    ae, config = load_autoencoder(path, device, dino_weights)
-    latent = (ae.decoder.latent_channels, config["image_size"] // ae.encoder.vit.patch_size)
+def load_decoder(path, model, device):
+    """The decoder (and ρ) of the autoencoder the DiT was trained on; the DINOv3 encoder is not needed to sample."""
+    ae, state = load_autoencoder(path, device, encoder=False, what="--ae")
+    latent = (ae.decoder.latent_channels, state["config"]["image_size"] // 16)
     if latent != (model.in_channels, model.input_size):
-        raise ValueError(f"autoencoder {path} makes latents of {latent[0]} channels on a {latent[1]}² grid, the DiT "
-                         f"expects {model.in_channels} on {model.input_size}²")
+        raise tu.DataError(f"--ae {path} makes latents of {latent[0]} channels on a {latent[1]}² grid, the DiT "
+                           f"expects {model.in_channels} on {model.input_size}²")
     return ae
 
 
@@ -143,26 +134,27 @@ def reconstruct(args):
     dataset = recon_dataset(args)  # a missing or empty folder fails before any model is built
     num = args.num_samples or len(dataset)
     if num > len(dataset):
-        raise ValueError(f"--num-samples {num} exceeds the {len(dataset)} images of {args.data}")
+        raise tu.UsageError(f"--num-samples {num} exceeds the {len(dataset)} images of {args.data}")
     check_shares(num, world)
-    ae, config = load_autoencoder(args.ae, device, args.dino_weights)
-    if config["image_size"] != image_size(args):
-        raise ValueError(f"autoencoder {args.ae} works on {config['image_size']}px images, not {image_size(args)}px")
+    ae, state = load_autoencoder(args.ae, device, args.dino_weights)
+    if state["config"]["image_size"] != image_size(args.preset):
+        raise tu.DataError(f"--ae {args.ae} works on {state['config']['image_size']}px images, not "
+                           f"{image_size(args.preset)}px")
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=range(rank, num, world),
-                                         num_workers=args.num_workers, collate_fn=collate_readable)
-    size = config["image_size"]
+                                         num_workers=args.num_workers, collate_fn=tu.collate_skip)
+    size = state["config"]["image_size"]
     none = torch.empty(0, size, size, 3, dtype=torch.uint8)  # a rank may get unreadable images only
     originals, reconstructions = [none], [none]
     bar = tu.progress_bar(len(loader.sampler), desc="reconstructing")
-    for x, n_skipped in loader:
+    for x, _, n_skipped in loader:
         bar.update(len(x) + n_skipped)
         if len(x) == 0:
             continue
         x = x.to(device, non_blocking=True)
         with torch.no_grad(), tu.autocast(device, args.precision):
-            x_hat = ae.decoder(ae.encoder.encode(x))
-        originals.append(to_uint8(x))
-        reconstructions.append(to_uint8(x_hat))
+            x_hat = ae(x)["x_hat"]
+        originals.append(tu.to_uint8(x))
+        reconstructions.append(tu.to_uint8(x_hat))
     bar.close()
     shard = {"originals": torch.cat(originals).numpy(), "reconstructions": torch.cat(reconstructions).numpy()}
     shards = write_shards(args.out + ".npz", shard, rank, world)
@@ -174,28 +166,18 @@ def reconstruct(args):
             grid.append(arr[:GRID_IMAGES // 2])
         save_grid(np.concatenate(grid), args.out + ".png")
         remove(shards)
-        print0(f"wrote {args.out}_originals.npz and {args.out}_reconstructions.npz: {len(arr)} images "
-               f"({num - len(arr)} unreadable images skipped)")
+        tu.print0(f"wrote {args.out}_originals.npz and {args.out}_reconstructions.npz: {len(arr)} images "
+                  f"({num - len(arr)} unreadable images skipped)")
     tu.cleanup_distributed()
-
-
-def collate_readable(batch):
-    """(images [B',3,H,W], n_skipped) without the unreadable images; unlike training's tu.collate_skip, a batch of
-    unreadable images only (say, a last batch of one) is simply empty."""
-    kept = [item[0] for item in batch if item is not None]
-    return (torch.stack(kept) if kept else torch.empty(0)), len(batch) - len(kept)
-
-
-def image_size(args):
-    return TINY_CONFIG["image_size"] if args.preset == "tiny" else FULL_CONFIG["image_size"]
 
 
 def recon_dataset(args):
     if args.data:
-        return tu.ImageFolderDataset(args.data, image_size(args))  # ADM center crop, no flip
+        return tu.ImageFolderDataset(args.data, image_size(args.preset))  # ADM center crop, no flip
     if args.preset != "tiny":
-        raise ValueError("--recon needs --data (an image folder, e.g. ImageNet val) unless --preset tiny")
-    return tu.SyntheticImages(num_items=args.num_samples or GRID_IMAGES, image_size=image_size(args), seed=args.seed)
+        raise tu.UsageError("--recon needs --data (an image folder, e.g. ImageNet val) unless --preset tiny")
+    return tu.SyntheticImages(num_items=args.num_samples or GRID_IMAGES, image_size=image_size(args.preset),
+                              seed=args.seed)
 
 
 #################################################################################
@@ -204,7 +186,7 @@ def recon_dataset(args):
 
 def check_shares(num, world):
     if num < world:
-        raise ValueError(f"{num} images cannot be shared by {world} ranks: use at least one image per rank")
+        raise tu.UsageError(f"{num} images cannot be shared by {world} ranks: use at least one image per rank")
 
 
 def write_shards(out, arrays, rank, world):
@@ -241,7 +223,7 @@ def save_grid(images, path):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tu.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["full", "tiny"], default="full", help="tiny: defaults point at the tiny runs")
     p.add_argument("--recon", action="store_true", help="reconstruct --data with --ae instead of generating")
     p.add_argument("--dit", default=None, help="train_dit.py checkpoint file or run folder (default runs/dit, "
@@ -249,16 +231,18 @@ def parse_args(argv=None):
     p.add_argument("--ae", default=None, help="train_ae.py checkpoint file or stage folder (generation: default the "
                                               "one the DiT was trained on; --recon: runs/ae/stage4, tiny: "
                                               "runs/tiny/ae/stage4)")
-    p.add_argument("--dino-weights", help="DINOv3 ViT-L/16 file, if not where the autoencoder checkpoint says")
+    p.add_argument("--dino-weights", help="--recon: DINOv3 ViT-L/16 file, if not where the autoencoder checkpoint says")
     p.add_argument("--data", help="--recon: image folder (ImageNet val); synthetic images when omitted with "
                                   "--preset tiny")
     p.add_argument("--num-samples", type=int, default=None, help="default 50000 (tiny: 64); --recon: all images")
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="default euler-proj, or euler (the Euclidean baseline) for a DiT trained with --euclidean")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale w >= 0 (1: none)")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("T_LO", "T_HI"),
                    help="guide only where T_LO <= t <= T_HI (t = 1 noise, t = 0 data)")
+    p.add_argument("--label-sampling", choices=["equal", "random"], default="equal",
+                   help="equal: class i mod K for sample i (RAE); random: uniform labels (DiT/ADM)")
     p.add_argument("--batch-size", type=int, default=None, help="per rank (default 64, tiny: 32)")
     p.add_argument("--num-workers", type=int, default=8, help="--recon data loader workers")
     p.add_argument("--seed", type=int, default=0)
@@ -277,14 +261,26 @@ def parse_args(argv=None):
     else:
         defaults.update(num_samples=GRID_IMAGES if tiny else 50000,
                         out="runs/tiny/samples.npz" if tiny else "samples.npz")
-    tu.apply_preset(p, args, defaults)
-    if args.num_samples is not None and args.num_samples < 1:
-        p.error(f"--num-samples must be at least 1, got {args.num_samples}")
-    if args.batch_size < 1:
-        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
-    if not args.recon and not args.out.endswith(".npz"):
-        p.error(f"--out must be an .npz path for generation, got {args.out}")
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    check_args(args)
     return args
+
+
+def check_args(args):
+    """Refuse flag values that cannot work, before any model is loaded."""
+    for name in ("num_samples", "batch_size", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise tu.UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.cfg_scale < 0:
+        raise tu.UsageError(f"--cfg-scale must be >= 0 (1 is no guidance), got {args.cfg_scale}")
+    t_lo, t_hi = args.cfg_interval
+    if not 0 <= t_lo <= t_hi <= 1:
+        raise tu.UsageError(f"--cfg-interval needs 0 <= T_LO <= T_HI <= 1, got {t_lo} {t_hi}")
+    if not args.recon and not args.out.endswith(".npz"):
+        raise tu.UsageError(f"--out must be an .npz path for generation, got {args.out}")
 
 
 def main(argv=None):
@@ -293,4 +289,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    tu.cli(main)

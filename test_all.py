@@ -30,15 +30,15 @@ from PIL import Image
 
 from fid import psnr
 from losses import adaptive_weight, alignment_loss, build_lpips, hinge_d_loss, hinge_g_loss
-from model import (AxialRoPE, ChannelDuplicatingUpsample, DCAE_CONFIGS, dcae_decoder, DCAEDecoder, DinoDiscriminator,
-                   DinoSAEEncoder, dinov3_vit, DinoVisionTransformer, DiT_models, DIT_SIZES, DiTDH,
+from model import (AxialRoPE, BatchRandom, ChannelDuplicatingUpsample, DCAE_CONFIGS, dcae_decoder, DCAEDecoder,
+                   diff_augment, DinoDiscriminator, DinoSAE, DinoSAEEncoder, dinov3_vit, DinoVisionTransformer,
+                   DiT_models, DIT_SIZES, DiTDH,
                    imagenet_normalize, LightningDiT, LiteMLA, load_dinov3, RMSNorm2d, RoPEAttention,
                    sincos_pos_embed_2d, to_image, to_tokens)
 from train_ae import build_autoencoder, load_autoencoder, make_tiny_weights, TINY_CONFIG
-from train_utils import (all_finite, center_crop_arr, check_batch, CheckpointManager, collate_skip, HorizontalFlip,
-                         ImageFolderDataset, Logger, make_loader, NonFiniteGuard, PreemptionHandler,
-                         restore_rng_states, ResumableSampler, rng_state, save_image_grid, seed_everything,
-                         set_rng_state)
+from train_utils import (center_crop_arr, CheckpointManager, collate_skip, HorizontalFlip, ImageFolderDataset, Logger,
+                         make_loader, NonFiniteGuard, PreemptionHandler, restore_rng_states, ResumableSampler,
+                         rng_state, SampleRNG, save_image_grid, seed_everything, set_rng_state)
 
 
 # ---- helpers: a tiny DINOv3 in the official layout, and its Hugging Face re-save ----
@@ -187,6 +187,20 @@ def test_loader_errors(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         load_dinov3(tmp_path / "nope.pth", arch="vitl16")
     assert "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth" in str(err.value) and "http" in str(err.value)
+    torch.save(state, tmp_path / "good.pth")
+    data = (tmp_path / "good.pth").read_bytes()
+    garbage = {"random.pth": np.random.default_rng(0).bytes(5000), "truncated.pth": data[:len(data) // 2],
+               "random.safetensors": np.random.default_rng(1).bytes(5000), "list.pth": None}
+    for name, content in garbage.items():
+        if content is None:
+            torch.save([torch.zeros(3)], tmp_path / name)
+        else:
+            (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError) as err:
+            load_dinov3(tmp_path / name)
+        msg = str(err.value)
+        assert "is not a DINOv3 checkpoint (official .pth or Hugging Face safetensors)" in msg, name
+        assert str(tmp_path / name) in msg and "weights_only" not in msg and "\n" not in msg, msg
 
 
 # ---- forward semantics (SPEC §1.3) ----
@@ -291,14 +305,18 @@ def test_vit_stays_in_eval_mode():
 
 # ---- encoder ----
 
-def test_student_with_patch_embed_equals_teacher_and_latent_on_sphere():
+def test_student_with_patch_embed_equals_teacher_and_latent_is_raw_z_s():
     vit = _model_tiny_vit()
     enc = DinoSAEEncoder(vit, stem_widths=(32, 32, 64, 64))
     x = torch.rand(2, 3, 32, 48) * 2 - 1
     out = enc(x, with_teacher=True)
     assert out["z"].shape == (2, 128, 2, 3)
+    for i in range(2):  # z is z_S laid out as an image (token r·w + c at row r, column c), not normalised
+        for r in range(2):
+            for c in range(3):
+                assert torch.equal(out["z"][:, :, r, c], out["z_s"][:, r * 3 + c])
     norms = out["z"].norm(dim=1)
-    assert torch.allclose(norms, torch.full_like(norms, math.sqrt(128)), atol=1e-4)
+    assert norms.std() > 0.01 * norms.mean()  # the final norm's affine part makes token norms differ
     enc.stem = vit.patch_embed.proj
     out = enc(x, with_teacher=True)
     assert torch.equal(out["z_s"], out["z_t"])
@@ -367,6 +385,95 @@ def test_rms_norm_2d_formula():
 
 # ---- discriminator ----
 
+def test_dino_sae_sphere_latent_and_decode_sphere_scales_by_rho():
+    """encode_sphere = R·z_S/‖z_S‖ per token (R = √C); decode_sphere feeds the decoder ρ/R·x: tokens of norm ρ."""
+    enc = DinoSAEEncoder(_model_tiny_vit(), stem_widths=(32, 32, 64, 64))
+    ae = DinoSAE(enc, _model_tiny_decoder(), rho=7.5).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z = enc(x)["z"]
+        sphere = ae.encode_sphere(x)
+    assert ae.radius == math.sqrt(128)
+    expect = math.sqrt(128) * z / z.norm(dim=1, keepdim=True)
+    assert torch.allclose(sphere, expect, atol=1e-6, rtol=0)
+    seen = []
+    hook = ae.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        images = ae.decode_sphere(sphere)
+        plain = ae.decoder(sphere * (7.5 / math.sqrt(128)))
+    hook.remove()
+    assert torch.equal(seen[0], sphere * (7.5 / math.sqrt(128))) and torch.equal(images, plain)
+    token_norms = seen[0].norm(dim=1)
+    assert torch.allclose(token_norms, torch.full_like(token_norms, 7.5), atol=1e-5)
+    with pytest.raises(ValueError, match="rho"):
+        DinoSAE(enc, _model_tiny_decoder()).decode_sphere(sphere)
+
+
+def test_activation_checkpointing_keeps_gradients_and_batchnorm_statistics():
+    """--grad-checkpoint recomputes activations in backward: the same gradients, and the decoder's BatchNorm running
+    statistics updated once per forward, not twice."""
+    torch.manual_seed(0)
+    ae = DinoSAE(DinoSAEEncoder(_model_tiny_vit(), stem_widths=(32, 32, 64, 64)), _model_tiny_decoder()).train()
+    dit = _dit_tiny("dh", perturb=True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    z, t, y = torch.randn(3, 8, 4, 4), torch.rand(3), torch.tensor([0, 1, 2])
+    start = copy_state(ae)
+
+    def run(on):
+        ae.load_state_dict(start)
+        ae.zero_grad(set_to_none=True)
+        dit.zero_grad(set_to_none=True)
+        ae.encoder.vit.grad_checkpointing = ae.decoder.grad_checkpointing = dit.grad_checkpointing = on
+        ae(x)["x_hat"].square().mean().backward()
+        dit(z, t, y).square().mean().backward()
+        grads = [p.grad.clone() for p in [*ae.parameters(), *dit.parameters()] if p.grad is not None]
+        return grads, copy_state(ae)
+
+    (plain, stats_plain), (recomputed, stats_recomputed) = run(False), run(True)
+    assert len(plain) == len(recomputed) > 0
+    assert all(torch.equal(a, b) for a, b in zip(plain, recomputed))
+    assert all(torch.equal(stats_plain[k], stats_recomputed[k]) for k in stats_plain)
+    assert stats_plain["decoder.stages.1.op_list.1.main.conv2.norm.num_batches_tracked"] == 1
+
+
+def copy_state(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+class _FixedRandom:
+    """model.BatchRandom's interface, returning given values in order, the same for every sample."""
+
+    def __init__(self, batch, values):
+        self.batch, self.values = batch, list(values)
+
+    def _next(self, shape):
+        return torch.full((self.batch, *shape), float(self.values.pop(0)))
+
+    def rand(self, *shape):
+        return self._next(shape)
+
+    def randint(self, low, high, *shape):
+        return self._next(shape).long()
+
+
+def test_diff_augment_colour_and_translation_by_hand():
+    """brightness + (u1 - 0.5), saturation × 2·u2 about the channel mean, contrast × (u3 + 0.5) about the image mean,
+    then out[i, j] = in[i + dy, j + dx] (zero outside), from DiffAugment's definitions written out with loops."""
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    out = diff_augment(x, _FixedRandom(2, [0.8, 0.75, 0.25, 1, -2]))
+    y = x + 0.3
+    y = (y - y.mean(1, keepdim=True)) * 1.5 + y.mean(1, keepdim=True)
+    y = (y - y.mean((1, 2, 3), keepdim=True)) * 0.75 + y.mean((1, 2, 3), keepdim=True)
+    expect = torch.zeros_like(y)
+    for i in range(8):
+        for j in range(8):
+            if 0 <= i + 1 < 8 and 0 <= j - 2 < 8:
+                expect[:, :, i, j] = y[:, :, i + 1, j - 2]
+    assert torch.allclose(out, expect, atol=1e-6)
+    shifts = BatchRandom(4000, "cpu").randint(-1, 2, 1, 1)  # sy = round(8 / 8) = 1: offsets -1, 0, 1
+    assert set(shifts.unique().tolist()) == {-1, 0, 1}
+
+
 def test_discriminator_logits_grads_and_frozen_feature_net():
     feature_net = _model_tiny_vit(depth=12)
     before = {k: v.clone() for k, v in feature_net.state_dict().items()}
@@ -374,7 +481,7 @@ def test_discriminator_logits_grads_and_frozen_feature_net():
     assert not any(k.startswith("feature_net") for k in disc.state_dict())
     assert sum(p.numel() for p in disc.parameters()) == sum(p.numel() for p in disc.heads.parameters())
     x = (torch.rand(3, 3, 48, 48) * 2 - 1).requires_grad_(True)
-    logits = disc(x, generator=torch.Generator().manual_seed(0))
+    logits = disc(x)
     assert logits.shape == (3, 4 * 4)
     opt = torch.optim.SGD(disc.parameters(), lr=0.1)
     logits.mean().backward()
@@ -796,8 +903,23 @@ def test_checkpoint_corrupt_newest_falls_back(tmp_path):
     for _ in range(200):  # random garbage makes the unpickler raise many exception types; each must fall through
         with open(manager.loaded_path, "wb") as f:
             f.write(generator.bytes(100))
-        with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="no readable checkpoint"):
+        with pytest.warns(UserWarning), pytest.raises(tu.DataError, match="no readable checkpoint"):
             manager.load("auto")
+    with pytest.raises(tu.DataError, match="unreadable"):
+        manager.load(manager.loaded_path)
+
+
+def test_checkpoint_saved_after_resuming_an_older_one_removes_the_abandoned_later_ones(tmp_path):
+    """Resumed from step 2 of a run that reached 6: the first save (step 4) deletes the old 6, so that a fallback past
+    an unreadable newest file can never jump to the abandoned history."""
+    manager = CheckpointManager(str(tmp_path), keep=5)
+    for step in (2, 4, 6):
+        manager.save({"step": step, "history": "old"}, step)
+    manager.save({"step": 4, "history": "new"}, 4)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_0000002.pt", "ckpt_0000004.pt", "latest"]
+    (tmp_path / "ckpt_0000004.pt").write_bytes(b"truncated")
+    with pytest.warns(UserWarning, match="ckpt_0000004.pt"):
+        assert manager.load("auto") == {"step": 2, "history": "old"}
 
 
 def test_checkpoint_empty_or_missing_folder_and_bad_state(tmp_path):
@@ -874,8 +996,8 @@ def test_corrupt_image_skipped_with_warning(tmp_path):
     assert x.min() >= -1 and x.max() <= 1
     sampler = ResumableSampler(len(dataset), 0, 1, seed=0)
     assert sum(s for _, _, s in make_loader(dataset, 2, sampler, num_workers=0)) == 1
-    with pytest.raises(RuntimeError, match="unreadable"):
-        collate_skip([None, None])
+    x, y, skipped = collate_skip([None, None])  # the trainers refuse such a batch, the evaluation scripts skip it
+    assert x.shape[0] == 0 and y.shape[0] == 0 and skipped == 2
 
 
 def test_dataset_empty_missing_and_flat_folders(tmp_path):
@@ -979,43 +1101,105 @@ def test_rng_state_round_trip_through_weights_only_file():
         restore_rng_states([rng_state()], 0, 2)
 
 
-def test_preemption_signal_sets_should_stop():
-    previous = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)
-    handler = PreemptionHandler()
+def _run_args(**overrides):
+    """The flags a tu.Run reads, at the trainers' defaults."""
+    args = dict(grad_accum=1, keep=3, resume="auto", seed=0, num_workers=0, log_every=1, sample_every=1000,
+                ckpt_every=1000, max_nonfinite=20)
+    return argparse.Namespace(**dict(args, **overrides))
+
+
+def _agree(run, *checks, metrics=None, tallies=None):
+    """One Run.agree call outside of Run.batches (which installs the signal handler)."""
+    run.preempt = run.preempt or PreemptionHandler()
+    return run.agree({f"opt{i}": torch.tensor(ok) for i, ok in enumerate(checks)}, metrics or {}, tallies)
+
+
+def test_run_agree_skips_non_finite_steps_counts_them_and_fails_after_a_streak(tmp_path):
+    run = tu.Run(str(tmp_path), _run_args(max_nonfinite=3), torch.device("cpu"))
     try:
-        assert not handler.should_stop()
-        os.kill(os.getpid(), signal.SIGUSR1)
-        assert handler.should_stop() and handler.received == signal.SIGUSR1
+        assert _agree(run, True, False) == {"opt0": True, "opt1": False}
+        assert _agree(run, False, False) == {"opt0": False, "opt1": False}
+        assert _agree(run, True, True) == {"opt0": True, "opt1": True}  # a good step resets each streak
+        assert run.progress["nonfinite_steps"] == 2
+        _agree(run, True, False)
+        _agree(run, True, False)
+        with pytest.raises(RuntimeError, match="3 consecutive steps"):
+            _agree(run, True, False)  # one optimizer diverging stops the run even while the other is fine
     finally:
-        handler.restore()
-    assert (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)) == previous
-
-
-def test_non_finite_guard_and_all_finite():
-    guard = NonFiniteGuard(max_in_a_row=3)
-    assert not guard.step_ok(False) and not guard.step_ok(False)
-    assert guard.step_ok(True) and guard.in_a_row == 0  # a good step resets the streak
-    guard.step_ok(False)
-    guard.step_ok(False)
-    with pytest.raises(RuntimeError, match="3 consecutive steps"):
-        guard.step_ok(False)
-    assert guard.skipped_total == 5
+        run.preempt.restore()
     p = nn.Parameter(torch.ones(3))
-    p.grad = torch.ones(3)
-    q = nn.Parameter(torch.ones(2))  # no gradient: ignored
-    assert all_finite(torch.tensor(0.5), [p, q])
-    assert not all_finite(torch.tensor(math.inf), [p])
+    p.grad = torch.tensor([3.0, 4.0, 0.0])
+    assert tu.grad_norm([p, nn.Parameter(torch.ones(2))]).item() == 5.0  # no gradient: ignored
+    assert tu.finite(torch.tensor(0.5), tu.grad_norm([p])) and not tu.finite(torch.tensor(math.inf), torch.ones(1))
     p.grad[1] = math.nan
-    assert not all_finite(torch.tensor(0.5), [p])
+    assert not tu.finite(torch.tensor(0.5), tu.grad_norm([p]))
+    guard = NonFiniteGuard(max_in_a_row=2)
+    assert guard.step_ok(True) and not guard.step_ok(False) and guard.in_a_row == 1
 
 
-def test_logger_image_grid_and_batch_check(tmp_path, capsys):
+def test_run_metrics_are_means_over_the_log_interval_and_tallies_run_totals(tmp_path, capsys):
+    run = tu.Run(str(tmp_path / "out"), _run_args(log_every=2), torch.device("cpu"))
+    run.plan(8, 2, epochs=1)
+    run.progress["step"] = 2
+    try:
+        _agree(run, True, metrics={"loss": torch.tensor(1.0), "lr": 0.5}, tallies={"rho": (torch.tensor(6.0), 2)})
+        _agree(run, True, metrics={"loss": torch.tensor(3.0), "lr": 0.5}, tallies={"rho": (torch.tensor(3.0), 4)})
+        _agree(run, True, metrics={"loss": torch.tensor(math.nan), "lr": 0.5})  # a skipped step's NaN is not averaged
+    finally:
+        run.preempt.restore()
+    assert run.tally("rho") == 9.0 / 6 and run.progress["tallies"]["rho"] == [9.0, 6.0]
+    run.log()
+    record = json.loads((tmp_path / "out" / "metrics.jsonl").read_text())
+    assert (record["step"], record["loss"], record["lr"], record["rho"]) == (2, 2.0, 0.5, 1.5)
+    assert "step 2 | loss 2 | lr 0.5 | rho 1.5" in capsys.readouterr().out
+    assert run.interval == {}  # the next line averages the next interval
+
+
+def test_run_plan_splits_the_global_batch_and_refuses_what_cannot_work(tmp_path):
+    run = tu.Run(str(tmp_path), _run_args(grad_accum=4), torch.device("cpu"))
+    run.plan(100, 16, epochs=3)
+    assert (run.batch, run.steps_per_epoch, run.total_steps) == (16, 6, 18)  # 100 // 16 = 6 full batches
+    run.plan(100, 16, epochs=3, max_steps=5)
+    assert run.total_steps == 5
+    with pytest.raises(tu.UsageError, match="--global-batch 18 must be a multiple of ranks × --grad-accum = 1 × 4"):
+        run.plan(100, 18, epochs=1)
+    with pytest.raises(tu.DataError, match="fewer than one global batch"):
+        run.plan(10, 16, epochs=1)
+    assert not os.listdir(tmp_path)  # nothing written before the first step
+
+
+def test_preemption_signal_stops_the_run_after_its_step(tmp_path):
+    previous = {s: signal.getsignal(s) for s in PreemptionHandler.SIGNALS}
+    run = tu.Run(str(tmp_path), _run_args(), torch.device("cpu"))
+    run.preempt = PreemptionHandler()
+    try:
+        _agree(run, True)
+        assert run.stopped is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert _agree(run, True) == {"opt0": True}  # the step in flight still takes its optimizer step
+        assert run.stopped == signal.SIGUSR1
+        handler = PreemptionHandler()
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: finish the step ...
+        assert handler.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # ... and a second Ctrl-C interrupts at once
+        handler.restore()
+    finally:
+        run.preempt.restore()
+    assert {s: signal.getsignal(s) for s in PreemptionHandler.SIGNALS} == previous
+
+
+def test_logger_lazy_folder_truncation_and_image_grid(tmp_path, capsys):
     logger = Logger(str(tmp_path / "out"), enabled=True)
-    logger.log(100, {"loss": torch.tensor(0.123456), "lr": 1e-4, "img/s": 123.44})
-    logger.log(200, {"loss": 0.5})
+    assert not (tmp_path / "out").exists()  # a run that fails before its first record leaves no folder
+    for step in (100, 200, 300):
+        logger.log(step, {"loss": torch.tensor(0.123456), "lr": 1e-4, "img/s": 123.44})
     lines = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
-    assert [e["step"] for e in lines] == [100, 200] and abs(lines[0]["loss"] - 0.123456) < 1e-6
+    assert [e["step"] for e in lines] == [100, 200, 300] and abs(lines[0]["loss"] - 0.123456) < 1e-6
     assert "step 100 | loss 0.1235 | lr 0.0001 | img/s 123.4" in capsys.readouterr().out
+    logger.truncate(200)  # resumed from the step-200 checkpoint: the record of step 300 is dropped
+    logger.log(300, {"loss": 0.5})
+    assert [json.loads(line)["step"] for line in open(tmp_path / "out" / "metrics.jsonl")] == [100, 200, 300]
     Logger(str(tmp_path / "off"), enabled=False).log(1, {"loss": 1.0})
     assert not (tmp_path / "off").exists()
 
@@ -1027,32 +1211,63 @@ def test_logger_image_grid_and_batch_check(tmp_path, capsys):
     assert grid.shape == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2, 3)
     assert grid[2:10, 2:10].max() == 0 and grid[2:10, 12:20].min() == 255
 
-    assert check_batch(256, 8) == 32
-    with pytest.raises(ValueError, match="multiple of the world size"):
-        check_batch(100, 8)
+
+def test_sample_rng_draws_follow_the_sample_not_the_rank_or_micro_batch():
+    """Sample k of step s draws from its own generator: rank r of W holds samples r, r + W, ...; micro-batches split
+    the generators like torch.chunk splits the batch."""
+    single = SampleRNG.for_step(3, 7, 6, 0, 1, "cpu")
+    ranks = [SampleRNG.for_step(3, 7, 3, r, 2, "cpu") for r in range(2)]
+    draws = single.rand(2)  # [6, 2]: samples k = 0..5 of the global batch
+    by_rank = [r.rand(2) for r in ranks]  # rank r's j-th sample is k = 2j + r
+    assert all(torch.equal(by_rank[k % 2][k // 2], draws[k]) for k in range(6))
+    again = SampleRNG.for_step(3, 7, 6, 0, 1, "cpu")
+    first, second = again.chunk(4)[:2]
+    assert len(again.chunk(4)) == 3 and [len(c.generators) for c in again.chunk(4)] == [2, 2, 2]
+    assert torch.equal(torch.cat([first.rand(2), second.rand(2)]), draws[:4])
+    assert not torch.equal(SampleRNG.for_step(3, 8, 6, 0, 1, "cpu").rand(2), draws)  # another step, other numbers
+    x = SampleRNG.for_step(0, 1, 5, 0, 1, "cpu")
+    assert x.randint(-1, 2, 1, 1).shape == (5, 1, 1) and x.randn(3, 4).shape == (5, 3, 4)
 
 
-def _infra_dist_worker(rank, port):
+def test_cli_prints_user_errors_as_one_line_and_keeps_tracebacks_for_bugs(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["script.py"])
+    for error, code in ((tu.UsageError("--epochs must be at least 1, got 0"), 2),
+                        (tu.DataError("checkpoint x.pt is unreadable"), 1),
+                        (tu.MissingFileError("--data /nope does not exist"), 1)):
+        def main():
+            raise error
+        with pytest.raises(SystemExit) as exit_info:
+            tu.cli(main)
+        assert exit_info.value.code == code
+        assert capsys.readouterr().err == f"script.py: error: {error}\n"
+    monkeypatch.setenv("RANK", "1")  # under torchrun only rank 0 speaks
+    with pytest.raises(SystemExit):
+        tu.cli(lambda: train_ae.main(["--stage", "5"]))
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ZeroDivisionError):
+        tu.cli(lambda: 1 / 0)
+
+
+def _infra_dist_worker(rank, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.cuda.is_available = lambda: False  # exercise the gloo path even on a GPU machine
     r, world_size, device = tu.setup_distributed()
     try:
         assert (r, world_size, device.type) == (rank, 2, "cpu") and tu.is_main() == (rank == 0)
-        p = nn.Parameter(torch.ones(3))
-        p.grad = torch.ones(3)
-        assert all_finite(torch.tensor(1.0), [p])
-        if rank == 1:
-            p.grad[0] = math.nan
-        assert not all_finite(torch.tensor(1.0), [p])  # one rank's NaN stops both
-        handler = PreemptionHandler()
+        run = tu.Run(out, _run_args(), device)
+        run.preempt = PreemptionHandler()
         try:
-            assert not handler.should_stop()
+            loss = torch.tensor(2.0 + rank)
+            ok = run.agree({"G": torch.tensor(True)}, {"loss": loss}, {"n": (torch.tensor(1.0 + rank), 1)})
+            assert ok == {"G": True} and run.interval["loss"] == [2.5, 1] and run.progress["tallies"]["n"] == [3.0, 2]
+            assert run.agree({"G": torch.tensor(rank == 0)}, {}) == {"G": False}  # one rank's NaN stops both
             if rank == 0:
                 os.kill(os.getpid(), signal.SIGUSR1)
-            assert handler.should_stop()  # agreed: rank 1 got no signal
+            run.agree({"G": torch.tensor(True)}, {})
+            assert run.stopped is not None  # agreed: rank 1 got no signal
         finally:
-            handler.restore()
+            run.preempt.restore()
         torch.manual_seed(rank)
         states = tu.gather_rng_states(2)
         assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
@@ -1061,12 +1276,13 @@ def _infra_dist_worker(rank, port):
         tu.cleanup_distributed()
 
 
-def test_two_process_gloo_agreement():
+def test_two_process_gloo_agreement(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # fork rather than spawn: the children skip re-importing torch and the test module (seconds each on 2 cores)
-    torch.multiprocessing.start_processes(_infra_dist_worker, args=(port,), nprocs=2, start_method="fork")
+    torch.multiprocessing.start_processes(_infra_dist_worker, args=(port, str(tmp_path)), nprocs=2,
+                                          start_method="fork")
 
 
 def _rfm_sphere(shape, radius, seed, dtype=torch.float64):

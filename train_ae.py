@@ -1,12 +1,14 @@
-"""Four-stage training of the DINO-SAE autoencoder (paper §4.1, SPEC §2.5).
+"""Four-stage training of the DINO-SAE autoencoder (paper §4.1).
 
-  stage 1  semantic-structural alignment   stem + decoder   0.5·cos + L1 + LPIPS             lr 1e-5  betas (0.9, 0.999)
-  stage 2  adversarial adaptation          stem + decoder   stage 1 + 0.5·λ·L_G (DINO disc)  lr 1e-4  betas (0.5, 0.9)
-  stage 3  decoder refinement              decoder          L1 + LPIPS + 0.5·λ·L_G           lr 1e-4  betas (0.5, 0.9)
-  stage 4  noise augmentation              decoder          as stage 3, z + σε, σ~U(0,0.8)   lr 5.4e-5
+  stage 1  semantic-structural alignment   stem + decoder   0.5·L_cos + L1 + LPIPS (Eq. 6)    lr 1e-5  betas (0.9, 0.999)
+  stage 2  adversarial adaptation          stem + decoder   stage 1 + 0.5·λ·L_G (DINO disc)   lr 1e-4  betas (0.5, 0.9)
+  stage 3  decoder refinement              decoder          L1 + LPIPS + 0.5·λ·L_G            lr 1e-4  betas (0.5, 0.9)
+  stage 4  noise augmentation              decoder          as stage 3 on z_S + σε (Eq. 10)   lr 5.4e-5 betas (0.5, 0.9)
 
-Each stage starts from the last checkpoint of the previous one (`<out>/stage{N-1}`) and resumes its own run when
-`<out>/stage{N}` already holds checkpoints. Real run, 8 GPUs (see README for the weight files):
+The decoder reads the student's tokens z_S as the encoder makes them; the run also measures ρ, the mean token norm of
+z_S over its training images, which the generator needs to decode points of its spheres (model.DinoSAE). Each stage
+starts from the newest checkpoint of the previous one (`<out>/stage{N-1}`) and resumes its own run when `<out>/stageN`
+holds checkpoints. Real run, 8 GPUs (README: weight files):
 
     torchrun --nproc_per_node=8 train_ae.py --stage 1 --data /data/imagenet/train
     torchrun --nproc_per_node=8 train_ae.py --stage 2 --data /data/imagenet/train   # ... then 3 and 4
@@ -17,23 +19,23 @@ Tiny CPU run (synthetic images, random DINOv3 weights saved in the official layo
 """
 import argparse
 import os
-import time
+from types import SimpleNamespace
 
 import torch
-import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_utils as tu
 from losses import adaptive_weight, alignment_loss, build_lpips, hinge_d_loss, hinge_g_loss
-from model import DCAE_CONFIGS, DCAEDecoder, DinoDiscriminator, DinoSAEEncoder, DinoVisionTransformer, load_dinov3
+from model import DCAE_CONFIGS, DCAEDecoder, DinoDiscriminator, DinoSAE, DinoSAEEncoder, DinoVisionTransformer, \
+    load_dinov3
 
+# §4.1: which parts train, the loss terms, AdamW's lr and betas. Epochs are not in the paper (README).
 STAGES = {
     1: dict(train_stem=True, align=True, gan=False, noise_tau=0.0, lr=1e-5, betas=(0.9, 0.999), epochs=20),
     2: dict(train_stem=True, align=True, gan=True, noise_tau=0.0, lr=1e-4, betas=(0.5, 0.9), epochs=10),
     3: dict(train_stem=False, align=False, gan=True, noise_tau=0.0, lr=1e-4, betas=(0.5, 0.9), epochs=5),
     4: dict(train_stem=False, align=False, gan=True, noise_tau=0.8, lr=5.4e-5, betas=(0.5, 0.9), epochs=5),
 }
-W_COS, W_L1, W_LPIPS, W_ADV = 0.5, 1.0, 1.0, 0.5  # paper §4.1
+W_COS, W_L1, W_LPIPS, W_ADV = 0.5, 1.0, 1.0, 0.5  # §4.1 loss weights
 
 
 def decoder_config(name, **overrides):
@@ -46,14 +48,19 @@ WEIGHTS_DIR = os.environ.get("DINO_SAE_WEIGHTS", "weights")
 FULL_CONFIG = dict(
     image_size=256, stem_widths=[128, 256, 512, 1024], disc_resolution=224,
     decoder=decoder_config("f16-in"),
-    dino_weights=os.path.join(WEIGHTS_DIR, "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth"),
-    disc_weights=os.path.join(WEIGHTS_DIR, "dinov3_vits16_pretrain_lvd1689m-08c60483.pth"),
+    dino_weights=os.path.join(WEIGHTS_DIR, "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth"), dino_arch="vitl16",
+    disc_weights=os.path.join(WEIGHTS_DIR, "dinov3_vits16_pretrain_lvd1689m-08c60483.pth"), disc_arch="vits16",
 )
 TINY_CONFIG = dict(
     image_size=64, stem_widths=[32, 32, 64, 64], disc_resolution=64,
     decoder=decoder_config("f16-in", latent_channels=128, widths=[16, 32, 32, 64, 128], depths=[0, 1, 1, 1, 1]),
+    dino_arch=None, disc_arch=None,
 )
 ARCHITECTURE_KEYS = ("image_size", "stem_widths", "disc_resolution", "decoder")
+
+
+def image_size(preset):
+    return TINY_CONFIG["image_size"] if preset == "tiny" else FULL_CONFIG["image_size"]
 
 
 #################################################################################
@@ -61,13 +68,16 @@ ARCHITECTURE_KEYS = ("image_size", "stem_widths", "disc_resolution", "decoder")
 #################################################################################
 
 def tiny_dinov3(depth, seed):
-    """A random DINOv3-shaped ViT (width 128, 2 heads) whose blocks do real work (LayerScale 0.2, not 1e-5)."""
+    """A random DINOv3-shaped ViT (width 128, 2 heads) whose blocks do real work (LayerScale 0.2, not 1e-5) and whose
+    final norm has an affine part, as a trained one does: token norms then vary, as z_S's do with real weights."""
     torch.manual_seed(seed)
     vit = DinoVisionTransformer(embed_dim=128, depth=depth, num_heads=2)
     with torch.no_grad():
         for block in vit.blocks:
             block.ls1.gamma.fill_(0.2)
             block.ls2.gamma.fill_(0.2)
+        vit.norm.weight.uniform_(0.5, 1.5)
+        vit.norm.bias.normal_(0, 0.2)
     return vit
 
 
@@ -85,63 +95,56 @@ def make_tiny_weights(weights_dir):
     return paths
 
 
-class AutoEncoder(nn.Module):
-    """DINO-SAE: image -> spherical latent (stem + frozen DINOv3) -> DC-AE decoder -> image."""
-
-    def __init__(self, encoder, decoder):
-        super().__init__()
-        self.encoder, self.decoder = encoder, decoder
-
-    def forward(self, x, with_teacher=False, noise_tau=0.0):
-        with torch.set_grad_enabled(torch.is_grad_enabled() and requires_grad(self.encoder.stem)):
-            enc = self.encoder(x, with_teacher=with_teacher)
-        z = enc["z"]
-        if self.training and noise_tau > 0:
-            z = add_latent_noise(z, noise_tau)
-        return dict(enc, x_hat=self.decoder(z))
+def load_vit(path, arch, flag):
+    """The frozen DINOv3 of one role; a missing, unreadable or wrong-size file is one line naming the flag."""
+    try:
+        return load_dinov3(path, arch)
+    except FileNotFoundError as error:
+        raise tu.MissingFileError(f"{flag}: {error}") from None
+    except ValueError as error:
+        raise tu.DataError(f"{flag}: {error}") from None
 
 
-def requires_grad(module):
-    return any(p.requires_grad for p in module.parameters())
-
-
-def add_latent_noise(z, tau):
-    """Eq. 10: z + σ·ε with σ ~ U(0, τ) per sample, so the decoder tolerates the generator's imperfect latents."""
-    sigma = torch.rand(z.shape[0], 1, 1, 1, device=z.device) * tau
-    return z + sigma * torch.randn_like(z)
-
-
-def build_autoencoder(config):
-    vit = load_dinov3(config["dino_weights"])
-    encoder = DinoSAEEncoder(vit, config["stem_widths"])
+def build_autoencoder(config, encoder=True):
+    """DINO-SAE of a configuration: stem + DINOv3 from `config['dino_weights']`, DC-AE decoder (random init)."""
     decoder = DCAEDecoder(**config["decoder"])
+    if not encoder:
+        return DinoSAE(None, decoder)
+    vit = load_vit(config["dino_weights"], config.get("dino_arch"), "--dino-weights")
     if decoder.latent_channels != vit.embed_dim:
-        raise ValueError(f"decoder latent_channels {decoder.latent_channels} != DINOv3 width {vit.embed_dim}")
-    return AutoEncoder(encoder, decoder)
+        raise tu.DataError(f"--dino-weights {config['dino_weights']}: a ViT of width {vit.embed_dim}, but the decoder "
+                           f"reads {decoder.latent_channels} channels")
+    return DinoSAE(DinoSAEEncoder(vit, config["stem_widths"]), decoder)
 
 
-def load_autoencoder(path, device="cpu", dino_weights=None):
-    """A trained DINO-SAE (frozen, eval mode) from a train_ae.py checkpoint file or run folder -> (model, config)."""
-    ckpt = tu.CheckpointManager(path).load("auto") if os.path.isdir(path) else tu.CheckpointManager(".").load(path)
-    if ckpt is None or ckpt.get("kind") != "dino-sae-ae":
-        raise ValueError(f"{path} holds no DINO-SAE autoencoder checkpoint (written by train_ae.py)")
-    config = dict(ckpt["config"], **({"dino_weights": dino_weights} if dino_weights else {}))
-    ae = build_autoencoder(config)
-    ae.encoder.stem.load_state_dict(ckpt["stem"])
-    ae.decoder.load_state_dict(ckpt["decoder"])
-    return ae.requires_grad_(False).eval().to(device), config
+def build_discriminator(config):
+    vit = load_vit(config["disc_weights"], config.get("disc_arch"), "--disc-weights")
+    return DinoDiscriminator(vit, resolution=config["disc_resolution"])
+
+
+def load_autoencoder(path, device="cpu", dino_weights=None, encoder=True, what="--ae"):
+    """A trained DINO-SAE (frozen, eval mode, with its ρ) from a train_ae.py checkpoint file or stage folder ->
+    (model, checkpoint state + its resolved "path"). encoder=False builds the decoder only (no DINOv3 file needed)."""
+    state, file = tu.load_checkpoint(path, "dino-sae-ae", what)
+    config = dict(state["config"], **({"dino_weights": dino_weights} if dino_weights else {}))
+    ae = build_autoencoder(config, encoder)
+    if encoder:
+        ae.encoder.stem.load_state_dict(state["stem"])
+    ae.decoder.load_state_dict(state["decoder"])
+    ae.rho = state.get("rho")
+    return ae.requires_grad_(False).eval().to(device), dict(state, config=config, path=file)
 
 
 #################################################################################
 #                                 Training step                                 #
 #################################################################################
 
-def generator_loss(ae, lpips, disc, x, stage):
-    """Losses of the autoencoder for one batch -> (total, metrics, reconstructions)."""
-    out = ae(x, with_teacher=stage["align"], noise_tau=stage["noise_tau"])
-    x_hat = out["x_hat"]
-    l1 = (x_hat.float() - x.float()).abs().mean()
-    lp = lpips(x_hat.float(), x.float()).mean()
+def generator_loss(ae, lpips, disc, x, stage, rng=None):
+    """The stage's objective on one (micro-)batch (§4.1) -> (loss, metrics, encoder/decoder outputs). `rng` draws the
+    latent noise of Eq. 10 and the discriminator's augmentation."""
+    out = ae(x, with_teacher=stage["align"], noise_tau=stage["noise_tau"], rng=rng)
+    l1 = (out["x_hat"].float() - x.float()).abs().mean()
+    lp = lpips(out["x_hat"].float(), x.float()).mean()
     rec = W_L1 * l1 + W_LPIPS * lp
     metrics = {"l1": l1.detach(), "lpips": lp.detach()}
     if stage["align"]:
@@ -150,13 +153,12 @@ def generator_loss(ae, lpips, disc, x, stage):
         metrics["cos"] = cos.detach()
     loss = rec
     if stage["gan"]:
-        g = hinge_g_loss(disc(x_hat))
-        last = (ae.module if isinstance(ae, DDP) else ae).decoder.last_layer_weight
-        lam = adaptive_weight(rec, g, last)
+        g = hinge_g_loss(disc(out["x_hat"], rng))
+        lam = adaptive_weight(rec, g, tu.unwrap(ae).decoder.last_layer_weight)
         loss = rec + W_ADV * lam * g
         metrics.update(g=g.detach(), lam=lam)
     metrics["loss"] = loss.detach()
-    return loss, metrics, x_hat
+    return loss, metrics, out
 
 
 def quantize(x):
@@ -164,116 +166,103 @@ def quantize(x):
     return torch.round((x.float().clamp(-1, 1) + 1) * 127.5) / 127.5 - 1  # fp32: bf16 cannot hold the 256 levels
 
 
-def discriminator_loss(disc, x, x_hat):
-    return hinge_d_loss(disc(x), disc(quantize(x_hat.detach())))
+def discriminator_loss(disc, x, x_hat, rng=None):
+    return hinge_d_loss(disc(x, rng), disc(quantize(x_hat.detach()), rng))
 
+
+def train_step(ae_ddp, disc_ddp, lpips, opt, opt_d, x, rng, stage, args, run):
+    """One optimizer step of the stage's objective on the global batch (--grad-accum chunks), and from stage 2 one
+    discriminator step on the same real images and this step's fakes. Also tallies ‖z_S‖ per token for ρ."""
+    ae, disc, n = tu.unwrap(ae_ddp), disc_ddp and tu.unwrap(disc_ddp), args.grad_accum
+    opt.zero_grad(set_to_none=True)
+    if disc is not None:
+        disc.requires_grad_(False)  # the generator's loss needs gradients through D, not into it
+    metrics, pairs, norm_sum, tokens = {}, [], 0.0, 0
+    for x_m, rng_m in run.micro_batches(ae_ddp, x, rng):
+        with tu.autocast(x_m.device, args.precision):
+            loss, parts, out = generator_loss(ae_ddp, lpips, disc, x_m, stage, rng_m)
+        (loss / n).backward()
+        for name, value in parts.items():
+            metrics[name] = metrics.get(name, 0.0) + value / n
+        pairs.append((x_m, out["x_hat"].detach(), rng_m))
+        z_s = out["z_s"].detach().float()
+        norm_sum, tokens = norm_sum + z_s.norm(dim=-1).sum(), tokens + z_s.shape[0] * z_s.shape[1]
+    checks = {"G": tu.finite(metrics["loss"], tu.grad_norm(parameters(opt)))}
+    if disc is not None:
+        disc.requires_grad_(True)
+        opt_d.zero_grad(set_to_none=True)
+        d_total = 0.0
+        for x_m, fake, rng_m in run.accumulate(disc_ddp, pairs):
+            with tu.autocast(x_m.device, args.precision):
+                d_loss = discriminator_loss(disc_ddp, x_m, fake, rng_m) / n
+            d_loss.backward()
+            d_total = d_total + d_loss.detach()
+        checks["D"] = tu.finite(d_total, tu.grad_norm(parameters(opt_d)))
+        metrics["d_loss"] = d_total
+    ok = run.agree(checks, dict(metrics, lr=opt.param_groups[0]["lr"]), {"rho": (norm_sum, tokens)})
+    if ok["G"]:
+        opt.step()
+    if ok.get("D"):
+        opt_d.step()
+
+
+def parameters(optimizer):
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+#################################################################################
+#                                    Run                                        #
+#################################################################################
 
 def train(args):
     stage = dict(STAGES[args.stage], lr=args.lr or STAGES[args.stage]["lr"])
     rank, world, device = tu.setup_distributed()
-    batch = tu.check_batch(args.global_batch, world)
     out_dir = os.path.join(args.out, f"stage{args.stage}")
+    run = tu.Run(out_dir, args, device)
     dataset = build_dataset(args)  # a missing or empty folder fails before any model is built
+    run.plan(len(dataset), args.global_batch, args.epochs or stage["epochs"], args.max_steps)
     config = build_config(args)
-    tu.seed_everything(args.seed)  # identical models on every rank (LPIPS's random trunk in tests is not DDP-synced)
-    logger = tu.Logger(out_dir, tu.is_main())
+    state = run.resume(lambda s, path: check_checkpoint(s, args.stage, config, path))
+    start = state or previous_stage(args, config)
 
+    tu.seed_everything(args.seed)  # identical models on every rank (the tests' random-trunk LPIPS too)
     ae = build_autoencoder(config).to(device)
     ae.encoder.stem.requires_grad_(stage["train_stem"])
-    disc = None
-    if stage["gan"]:
-        disc = DinoDiscriminator(load_dinov3(config["disc_weights"]), resolution=config["disc_resolution"]).to(device)
+    ae.encoder.vit.grad_checkpointing = ae.decoder.grad_checkpointing = args.grad_checkpoint
+    disc = build_discriminator(config).to(device) if stage["gan"] else None
     lpips = build_lpips(pretrained=not args.random_lpips).to(device)
-    params = [p for p in ae.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=stage["lr"], betas=stage["betas"], weight_decay=0.0)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=stage["lr"], betas=stage["betas"], weight_decay=0.0) if disc else None
-
-    tu.seed_everything(args.seed + rank)  # per-rank streams for DiffAugment and latent noise
-    ckpts = tu.CheckpointManager(out_dir, keep=args.keep)
-    state = ckpts.load(args.resume) if args.resume != "none" else None
-    progress = dict(step=0, epoch=0, step_in_epoch=0, skipped_images=0, nonfinite=0)
+    opt = adamw([p for p in ae.parameters() if p.requires_grad], stage, device)
+    opt_d = adamw(disc.parameters(), stage, device) if disc else None
+    if start is not None:
+        load_weights(ae, disc, start)
     if state is not None:
-        check_checkpoint(state, args.stage, config, ckpts.loaded_path)
-        load_weights(ae, disc, state)
-        opt.load_state_dict(state["opt"])
-        if opt_d:
-            opt_d.load_state_dict(state["opt_d"])
-        for optimizer in filter(None, (opt, opt_d)):  # this run's lr and betas, not the saved ones (--lr may change)
-            for group in optimizer.param_groups:
-                group.update(lr=stage["lr"], betas=stage["betas"])
-        progress.update(state["progress"])
-        tu.restore_rng_states(state["rng"], rank, world)
-        print0(f"resumed stage {args.stage} from {ckpts.loaded_path} at step {progress['step']}")
-    elif args.stage > 1:
-        init_from_previous_stage(args, ae, disc, config)
-
+        load_optimizers(opt, opt_d, state, stage)
+    tu.seed_for_rank(args.seed, rank, world, state)  # DiffAugment and latent noise differ per rank
     if args.compile:  # in place: parameter names and checkpoints stay the same
         for module in [ae.decoder, ae.encoder.stem, *ae.encoder.vit.blocks]:
             module.compile()
-    ddp = lambda m: DDP(m, device_ids=[device] if device.type == "cuda" else None) if world > 1 else m
-    ae_ddp, disc_ddp = ddp(ae), disc and ddp(disc)
-    sampler = tu.ResumableSampler(len(dataset), rank, world, args.seed)
-    steps_per_epoch = len(sampler) // batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"dataset of {len(dataset)} images is smaller than one global batch of {args.global_batch}")
-    total_steps = args.max_steps or (args.epochs or stage["epochs"]) * steps_per_epoch
-    guard, guard_d = tu.NonFiniteGuard(args.max_nonfinite), tu.NonFiniteGuard(args.max_nonfinite)  # G and D apart:
-    guard.skipped_total = progress["nonfinite"]  # a D that stays NaN must stop the run even while G steps are fine
-    preempt = tu.PreemptionHandler()
-    grid_images = fixed_images(dataset, min(8, batch))
+    ae_ddp, disc_ddp = tu.ddp(ae, device), disc and tu.ddp(disc, device)
+    grid = fixed_images(dataset, min(8, run.batch))
 
-    def save():
-        progress["nonfinite"] = guard.skipped_total + guard_d.skipped_total
-        rng = tu.gather_rng_states(world)
-        if tu.is_main():
-            ckpts.save(checkpoint_state(args, config, ae, disc, opt, opt_d, progress, rng), progress["step"])
-        tu.barrier()
-
-    print0(f"stage {args.stage}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable params, {world} rank(s), "
-           f"batch {args.global_batch}, {total_steps} steps, lr {stage['lr']}, out {out_dir}")
-    bar = tu.progress_bar(total_steps, initial=progress["step"], desc=f"AE stage {args.stage}")
+    trainable = sum(p.numel() for p in parameters(opt)) / 1e6
+    tu.print0(f"stage {args.stage}: {trainable:.2f}M trainable params, {world} rank(s), global batch "
+              f"{args.global_batch} ({run.batch // args.grad_accum} per rank × {args.grad_accum} micro-batches), "
+              f"{run.total_steps} steps, lr {stage['lr']}, betas {stage['betas']}, out {out_dir}")
     ae_ddp.train()
-    data = tu.endless_batches(dataset, sampler, batch, progress, args.num_workers)
-    t0, seen = time.time(), 0
-    while progress["step"] < total_steps:
-        x, _, n_skipped = next(data)
-        x = x.to(device, non_blocking=True)
-        if disc is not None:
-            disc.requires_grad_(False)  # the generator step needs gradients through D, not into it
-        with tu.autocast(device, args.precision):
-            loss, metrics, x_hat = generator_loss(ae_ddp, lpips, disc, x, stage)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if guard.step_ok(tu.all_finite(loss, params)):
-            opt.step()
-        if disc is not None:
-            disc.requires_grad_(True)
-            with tu.autocast(device, args.precision):
-                d_loss = discriminator_loss(disc_ddp, x, x_hat)
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            if guard_d.step_ok(tu.all_finite(d_loss, disc.parameters())):
-                opt_d.step()
-            metrics["d_loss"] = d_loss.detach()
-        progress["step"] += 1
-        progress["step_in_epoch"] += 1
-        progress["skipped_images"] += n_skipped
-        seen += x.shape[0] * world
-        bar.update(1)
-        step = progress["step"]
-        if step % args.log_every == 0 or step == total_steps:
-            logger.log(step, dict({k: float(v) for k, v in metrics.items()}, lr=stage["lr"],
-                                  img_per_s=seen / (time.time() - t0), skipped_images=progress["skipped_images"],
-                                  nonfinite_steps=guard.skipped_total + guard_d.skipped_total))
-            t0, seen = time.time(), 0
-        if step % args.sample_every == 0 or step == total_steps:
-            save_reconstructions(ae, grid_images, os.path.join(out_dir, f"recon_{step:07d}.png"), device, args.precision)
-        if tu.checkpoint_or_stop(step, total_steps, args.ckpt_every, preempt, save):
-            break
-    bar.close()
-    preempt.restore()
+    for step, x, _, rng in run.batches(dataset, desc=f"AE stage {args.stage}"):
+        train_step(ae_ddp, disc_ddp, lpips, opt, opt_d, x, rng, stage, args, run)
+        run.end_step(lambda: checkpoint_state(args, config, ae, disc, opt, opt_d, run.tally("rho")),
+                     lambda step: save_reconstructions(ae, grid, os.path.join(out_dir, f"recon_{step:07d}.png"),
+                                                       args.precision))
+    if run.tally("rho") is not None:
+        tu.print0(f"stage {args.stage}: mean token norm of z_S (rho) {run.tally('rho'):.4f}")
     tu.cleanup_distributed()
-    return ae, disc
+    return SimpleNamespace(ae=ae, disc=disc, stopped=run.stopped)
+
+
+def adamw(params, stage, device):
+    return torch.optim.AdamW(params, lr=stage["lr"], betas=stage["betas"], weight_decay=0.0,
+                             fused=device.type == "cuda")
 
 
 def fixed_images(dataset, n):
@@ -288,23 +277,22 @@ def fixed_images(dataset, n):
     return torch.stack(images)
 
 
-def save_reconstructions(ae, images, path, device, precision):
-    if not tu.is_main():
-        return
+def save_reconstructions(ae, images, path, precision):
+    device = next(ae.decoder.parameters()).device
     ae.eval()
     with torch.no_grad(), tu.autocast(device, precision):
         x_hat = ae(images.to(device))["x_hat"].float()
     ae.train()
-    tu.save_image_grid(torch.cat([images.to(device), x_hat.clamp(-1, 1)]), path, nrow=images.shape[0])
+    tu.save_image_grid(torch.cat([images.to(device), x_hat]), path, nrow=images.shape[0])
 
 
 #################################################################################
 #                         Checkpoints, stages and config                        #
 #################################################################################
 
-def checkpoint_state(args, config, ae, disc, opt, opt_d, progress, rng):
-    state = dict(kind="dino-sae-ae", stage=args.stage, args=vars(args), config=config, progress=dict(progress),
-                 stem=ae.encoder.stem.state_dict(), decoder=ae.decoder.state_dict(), opt=opt.state_dict(), rng=rng)
+def checkpoint_state(args, config, ae, disc, opt, opt_d, rho):
+    state = dict(kind="dino-sae-ae", stage=args.stage, args=vars(args), config=config, rho=rho,
+                 stem=ae.encoder.stem.state_dict(), decoder=ae.decoder.state_dict(), opt=opt.state_dict())
     if disc is not None:
         state.update(disc=disc.state_dict(), opt_d=opt_d.state_dict())
     return state
@@ -313,12 +301,12 @@ def checkpoint_state(args, config, ae, disc, opt, opt_d, progress, rng):
 def check_checkpoint(state, stage, config, path, from_stage=None):
     expected = stage if from_stage is None else from_stage
     if state.get("kind") != "dino-sae-ae":
-        raise ValueError(f"{path} is not a DINO-SAE autoencoder checkpoint")
+        raise tu.DataError(f"{path} is not a DINO-SAE autoencoder checkpoint (written by train_ae.py)")
     if state["stage"] != expected:
-        raise ValueError(f"{path} is a stage-{state['stage']} checkpoint; stage {stage} needs stage {expected}")
+        raise tu.DataError(f"{path} is a stage-{state['stage']} checkpoint; stage {stage} needs stage {expected}")
     for key in ARCHITECTURE_KEYS:
-        if state["config"][key] != config[key]:
-            raise ValueError(f"{path} was trained with {key}={state['config'][key]}, this run has {config[key]}")
+        if state["config"].get(key) != config[key]:
+            raise tu.DataError(f"{path} was trained with {key}={state['config'].get(key)}, this run has {config[key]}")
 
 
 def load_weights(ae, disc, state):
@@ -328,21 +316,31 @@ def load_weights(ae, disc, state):
         disc.load_state_dict(state["disc"])
 
 
-def init_from_previous_stage(args, ae, disc, config):
+def load_optimizers(opt, opt_d, state, stage):
+    opt.load_state_dict(state["opt"])
+    if opt_d is not None:
+        opt_d.load_state_dict(state["opt_d"])
+    for optimizer in filter(None, (opt, opt_d)):  # this run's lr and betas, not the saved ones (--lr may change)
+        for group in optimizer.param_groups:
+            group.update(lr=stage["lr"], betas=stage["betas"])
+
+
+def previous_stage(args, config):
+    """Stage N > 1 starts from the newest checkpoint of stage N-1 (or --init); stage 1 and --from-scratch from
+    random weights."""
+    if args.stage == 1:
+        return None
     source = args.init or os.path.join(args.out, f"stage{args.stage - 1}")
+    if args.from_scratch and not os.path.exists(source):
+        tu.print0(f"stage {args.stage} starts from scratch (--from-scratch)")
+        return None
     if not os.path.exists(source):
-        if args.from_scratch:
-            print0(f"stage {args.stage} starts from scratch (--from-scratch)")
-            return
-        raise FileNotFoundError(f"stage {args.stage} starts from the stage-{args.stage - 1} checkpoint, but {source} "
-                                "does not exist: train that stage first, pass --init, or --from-scratch")
-    manager = tu.CheckpointManager(source if os.path.isdir(source) else os.path.dirname(source) or ".")
-    state = manager.load("auto" if os.path.isdir(source) else source)
-    if state is None:
-        raise FileNotFoundError(f"no checkpoint in {source}: train stage {args.stage - 1} first")
-    check_checkpoint(state, args.stage, config, manager.loaded_path, from_stage=args.stage - 1)
-    load_weights(ae, disc, state)
-    print0(f"stage {args.stage} initialised from {manager.loaded_path}")
+        raise tu.MissingFileError(f"stage {args.stage} starts from the stage-{args.stage - 1} checkpoint, but {source} "
+                                  "does not exist: train that stage first, pass --init, or --from-scratch")
+    state, path = tu.load_checkpoint(source, "dino-sae-ae", "--init")
+    check_checkpoint(state, args.stage, config, path, from_stage=args.stage - 1)
+    tu.print0(f"stage {args.stage} starts from {path}")
+    return state
 
 
 def build_config(args):
@@ -358,23 +356,18 @@ def build_config(args):
 
 
 def build_dataset(args):
+    """Training images with random horizontal flips: an image folder, or synthetic images with the tiny preset."""
     if args.preset == "tiny" and not args.data:
-        base = tu.SyntheticImages(num_items=args.num_images, image_size=TINY_CONFIG["image_size"], seed=args.seed)
+        base = tu.SyntheticImages(num_items=args.num_images, image_size=image_size(args.preset), seed=args.seed)
+    elif not args.data:
+        raise tu.UsageError("--data is required (an ImageFolder, e.g. ImageNet train) unless --preset tiny")
     else:
-        if not args.data:
-            raise ValueError("--data is required (an ImageFolder, e.g. ImageNet train) unless --preset tiny")
-        size = TINY_CONFIG["image_size"] if args.preset == "tiny" else FULL_CONFIG["image_size"]
-        base = tu.ImageFolderDataset(args.data, size)
+        base = tu.ImageFolderDataset(args.data, image_size(args.preset))
     return tu.HorizontalFlip(base, args.seed)
 
 
-def print0(*a):
-    if tu.is_main():
-        print(*a, flush=True)
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tu.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", type=int, choices=[1, 2, 3, 4], required=True)
     p.add_argument("--preset", choices=["full", "tiny"], default="full",
                    help="tiny: synthetic 64px images, random tiny DINOv3 files, small decoder (CPU, minutes)")
@@ -382,21 +375,26 @@ def parse_args(argv=None):
     p.add_argument("--init", help="checkpoint file or folder of the previous stage (default <out>/stage{N-1})")
     p.add_argument("--from-scratch", action="store_true", help="allow a stage > 1 to start without a previous stage")
     p.add_argument("--dino-weights", help=f"DINOv3 ViT-L/16 file (default {FULL_CONFIG['dino_weights']})")
-    p.add_argument("--disc-weights", help=f"DINOv3 ViT-S/16 file for the discriminator (default {FULL_CONFIG['disc_weights']})")
+    p.add_argument("--disc-weights", help=f"DINOv3 ViT-S/16 file for the discriminator (default "
+                                          f"{FULL_CONFIG['disc_weights']})")
     p.add_argument("--global-batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=None, help="default: the stage's lr of the paper")
-    p.add_argument("--epochs", type=int, default=None, help="default per stage: 20, 10, 5, 5 (not given in the paper)")
     p.add_argument("--sample-every", type=int, default=2000)
     p.add_argument("--ckpt-every", type=int, default=2000)
-    p.add_argument("--compile", action="store_true", help="torch.compile the decoder, stem and ViT blocks")
-    p.add_argument("--random-lpips", action="store_true", help="LPIPS with a random VGG (tests; no VGG16 file needed)")
+    p.add_argument("--random-lpips", action="store_true",
+                   help="LPIPS with a random VGG trunk: plumbing checks only, no VGG16 file needed")
     tu.add_run_args(p)
     args = p.parse_args(argv)
-    if args.preset == "tiny":
-        tu.apply_preset(p, args, dict(out="runs/tiny/ae", global_batch=8, num_workers=0, log_every=10, sample_every=50,
-                                      ckpt_every=50, max_steps=40, lr=5e-4,
-                                      precision="fp32"))  # CPU bf16 is emulated: slower than fp32
+    tu.check_run_args(args)
+    if args.preset == "tiny":  # a few dozen steps on CPU: fp32 (CPU bf16 is emulated), a large lr to see learning
+        tiny = dict(out="runs/tiny/ae", global_batch=8, num_workers=0, log_every=10, sample_every=50, ckpt_every=50,
+                    lr=5e-4, precision="fp32")
+        if args.epochs is None:
+            tiny["max_steps"] = 40
+        tu.apply_preset(p, args, "tiny preset", tiny)
     args.out = args.out or "runs/ae"
+    if args.lr is not None and args.lr <= 0:
+        raise tu.UsageError(f"--lr must be positive, got {args.lr}")
     return args
 
 
@@ -405,4 +403,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    tu.cli(main)

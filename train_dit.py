@@ -1,8 +1,11 @@
-"""Train a diffusion transformer on DINO-SAE latents by Riemannian flow matching (paper §3.4 and §4.2, SPEC §3-4).
+"""Train a diffusion transformer on DINO-SAE latents by Riemannian flow matching (paper §3.4 and §4.2).
 
-  latents     the frozen DINO-SAE encoder maps each (randomly flipped) image online to N tokens on S_R^{C-1}
-  objective   Eq. 14: geodesic path from data (t = 0) to uniform noise on the sphere (t = 1), tangent velocity target,
-              logit-normal t shifted by sqrt(N·C/4096); `--euclidean` trains the Euclidean flow-matching baseline
+  latents     the frozen DINO-SAE encoder maps each (randomly flipped) image online to N tokens x = R·z_S/‖z_S‖ on
+              S_R^{C-1}, R = √C (Eq. 11)
+  objective   Eq. 14: geodesic path from data (t = 0) to uniform noise on the sphere (t = 1, README: time convention),
+              the network output regressed on the path's velocity u_t; t logit-normal, shifted by √(N·C/4096);
+              `--tangent-loss` regresses its tangent projection instead (ablation), `--euclidean` trains the
+              Euclidean flow-matching baseline
   conditioning class labels, dropped to the null class with probability 0.1 (classifier-free guidance)
   optimiser   AdamW lr 2e-4, betas (0.9, 0.95), no weight decay, global batch 1024, 80 epochs, bf16 autocast
               LightningDiT: EMA 0.9999, constant lr, no clipping
@@ -17,30 +20,28 @@ Tiny CPU run (synthetic images, the tiny autoencoder of `python train_ae.py --st
 
     python train_dit.py --preset tiny
 
-A run resumes from the newest readable checkpoint in --out; SIGTERM/SIGUSR1 checkpoint and exit 0.
+A run resumes from the newest readable checkpoint in --out; SIGTERM/SIGUSR1/SIGINT checkpoint and stop.
 """
 import argparse
 import copy
-import math
 import os
-import time
-import warnings
+import sys
+from types import SimpleNamespace
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_utils as tu
 from model import DiT_models
-from rfm import rfm_loss, shift_alpha
+from rfm import flow_matching_loss, project_sphere, shift_alpha, time_shift
 from sample import initial_noise, sample_latents
-from train_ae import FULL_CONFIG, TINY_CONFIG, build_dataset, load_autoencoder, print0
+from train_ae import build_dataset, image_size, load_autoencoder
 
-FAMILY_DEFAULTS = {  # paper §4.2
+FAMILY_DEFAULTS = {  # §4.2
     "LightningDiT": dict(ema=0.9999, warmup_epochs=0, grad_clip=0.0),
     "DiTDH": dict(ema=0.9995, warmup_epochs=40, grad_clip=1.0),
 }
 LABEL_DROPOUT = 0.1
+BETAS = (0.9, 0.95)
 TINY_SIZE = dict(hidden_size=128, depth=2, num_heads=2)
 TINY_HEAD = dict(head_hidden_size=256, head_depth=1, head_num_heads=2)
 GRID_SAMPLES, GRID_STEPS = 16, 25
@@ -50,156 +51,132 @@ GRID_SAMPLES, GRID_STEPS = 16, 25
 #                                    Models                                     #
 #################################################################################
 
-def model_kwargs(args, ae, config, num_classes):
+def family(name):
+    return name.split("-")[0]
+
+
+def model_kwargs(args, ae_config, num_classes):
     """Constructor arguments of the DiT: the latent grid of the autoencoder, the classes of the data, the size."""
-    kwargs = dict(input_size=config["image_size"] // ae.encoder.vit.patch_size,
-                  in_channels=ae.decoder.latent_channels, num_classes=num_classes)
+    kwargs = dict(input_size=ae_config["image_size"] // 16, in_channels=ae_config["decoder"]["latent_channels"],
+                  num_classes=num_classes)
     if args.preset == "tiny":
         kwargs.update(TINY_SIZE, **(TINY_HEAD if family(args.model) == "DiTDH" else {}))
     return kwargs
 
 
-def family(name):
-    return name.split("-")[0]
+def model_title(args, model):
+    size = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params"
+    return f"{args.model} ({size})" if args.preset == "full" else f"tiny {family(args.model)} ({size})"
 
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
 def learning_rate(step, base_lr, warmup_steps):
-    """Linear warm-up to base_lr over warmup_steps, then constant (a pure function of the step: exact resume)."""
-    return base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else base_lr
+    """Linear warm-up to base_lr over warmup_steps (step counts from 1), then constant: a pure function of the step."""
+    return base_lr * min(1.0, step / warmup_steps) if warmup_steps > 0 else base_lr
 
 
-def drop_labels(y, null_class):
+def drop_labels(y, null_class, rng):
     """Replace 10% of the labels by the null class, so one network learns v(x, t, y) and v(x, t, ∅) for CFG."""
-    return torch.where(torch.rand(y.shape, device=y.device) < LABEL_DROPOUT, torch.full_like(y, null_class), y)
+    return torch.where(rng.rand() < LABEL_DROPOUT, torch.full_like(y, null_class), y)
+
+
+def draw_time_and_noise(rng, shape, alpha, radius, euclidean):
+    """t ~ logit-normal(0, 1) shifted towards noise by alpha (RAE); noise uniform on the spheres (R·ε/‖ε‖ per token),
+    or ε ~ N(0, I) for the Euclidean baseline."""
+    t = time_shift(rng.randn().sigmoid(), alpha)
+    eps = rng.randn(*shape)
+    return t, eps if euclidean else project_sphere(eps, radius)
 
 
 #################################################################################
-#                                  Training                                     #
+#                                 Training step                                 #
+#################################################################################
+
+def train_step(model_ddp, ema, opt, ae, x, y, rng, lr, alpha, args, run):
+    """One optimizer step of Eq. 14 on the global batch (--grad-accum chunks): encode online, drop labels, draw t and
+    the noise, regress the velocity; clip (DiT^DH), AdamW, EMA (§4.2)."""
+    model = tu.unwrap(model_ddp)
+    opt.zero_grad(set_to_none=True)
+    loss = 0.0
+    for x_m, y_m, rng_m in run.micro_batches(model_ddp, x, y, rng):
+        with torch.no_grad(), tu.autocast(x_m.device, args.precision):
+            z = ae.encode_sphere(x_m)  # tokens on the sphere of radius R (Eq. 11)
+        y_m = drop_labels(y_m, model.null_class, rng_m)
+        t, noise = draw_time_and_noise(rng_m, z.shape[1:], alpha, ae.radius, args.euclidean)
+        with tu.autocast(x_m.device, args.precision):
+            chunk = flow_matching_loss(model_ddp, z, noise, t, y_m, ae.radius, euclidean=args.euclidean,
+                                       tangent=args.tangent_loss) / args.grad_accum
+        chunk.backward()
+        loss = loss + chunk.detach()
+    norm = tu.grad_norm(model.parameters())
+    if run.agree({"dit": tu.finite(loss, norm)}, dict(loss=loss, grad_norm=norm, lr=lr))["dit"]:
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(model.parameters(), args.grad_clip, norm)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        update_ema(ema, model, args.ema)
+
+
+#################################################################################
+#                                      Run                                      #
 #################################################################################
 
 def train(args):
     rank, world, device = tu.setup_distributed()
-    batch = tu.check_batch(args.global_batch, world)
+    run = tu.Run(args.out, args, device)
     dataset = build_dataset(args)  # a missing or empty folder fails before any model is built
-    num_classes = dataset_classes(dataset.dataset)
+    run.plan(len(dataset), args.global_batch, args.epochs, args.max_steps)
+    ae_state = check_autoencoder(args)
+    kwargs = model_kwargs(args, ae_state["config"], dataset_classes(dataset.dataset))
+    state = run.resume(lambda s, path: check_checkpoint(s, path, args, kwargs, ae_state["path"]))
+
     tu.seed_everything(args.seed)  # identical models (and EMA copies) on every rank
-    logger = tu.Logger(args.out, tu.is_main())
-
-    ae, ae_config = load_frozen_autoencoder(args, device)
-    kwargs = model_kwargs(args, ae, ae_config, num_classes)
+    ae, _ = load_autoencoder(ae_state["path"], device, args.dino_weights)
     model = DiT_models[args.model](**kwargs).to(device)
+    model.grad_checkpointing = args.grad_checkpoint
     ema = copy.deepcopy(model).requires_grad_(False)
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=device.type == "cuda")
-
-    tu.seed_everything(args.seed + rank)  # per-rank streams for label dropout, t and noise
-    ckpts = tu.CheckpointManager(args.out, keep=args.keep)
-    state = ckpts.load(args.resume) if args.resume != "none" else None
-    progress = dict(step=0, epoch=0, step_in_epoch=0, skipped_images=0, nonfinite=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=BETAS, weight_decay=0.0,
+                            fused=device.type == "cuda")
     if state is not None:
-        check_checkpoint(state, ckpts.loaded_path, args.model, kwargs, args.euclidean)
-        if state["ae"] != os.path.abspath(args.ae):
-            warnings.warn(f"{ckpts.loaded_path} was trained on the latents of {state['ae']}, this run uses {args.ae}")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
-        progress.update(state["progress"])
-        tu.restore_rng_states(state["rng"], rank, world)
-        print0(f"resumed from {ckpts.loaded_path} at step {progress['step']}")
-
+    tu.seed_for_rank(args.seed, rank, world, state)  # label dropout, t and noise differ per rank
     if args.compile:  # in place: parameter names and checkpoints stay the same
         model.compile()
-    model_ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
-    sampler = tu.ResumableSampler(len(dataset), rank, world, args.seed)
-    steps_per_epoch = len(sampler) // batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"dataset of {len(dataset)} images is smaller than one global batch of {args.global_batch}")
-    total_steps = args.max_steps or args.epochs * steps_per_epoch
-    warmup_steps = args.warmup_epochs * steps_per_epoch
-    radius = ae.encoder.radius
+    model_ddp = tu.ddp(model, device)
+    warmup_steps = args.warmup_epochs * run.steps_per_epoch
     alpha = shift_alpha(kwargs["input_size"] ** 2, kwargs["in_channels"])
-    guard = tu.NonFiniteGuard(args.max_nonfinite)
-    guard.skipped_total = progress["nonfinite"]
-    preempt = tu.PreemptionHandler()
 
-    def save():
-        progress["nonfinite"] = guard.skipped_total
-        rng = tu.gather_rng_states(world)
-        if tu.is_main():
-            ckpts.save(checkpoint_state(args, kwargs, ae_config, model, ema, opt, progress, rng), progress["step"])
-        tu.barrier()
-
-    print0(f"{args.model} {kwargs}: {sum(p.numel() for p in params) / 1e6:.2f}M params, "
-           f"{'Euclidean FM' if args.euclidean else 'Riemannian FM'}, {world} rank(s), batch {args.global_batch}, "
-           f"{total_steps} steps, lr {args.lr} (warm-up {warmup_steps} steps), EMA {args.ema}, "
-           f"grad clip {args.grad_clip or 'off'}, shift {alpha:.3g}, out {args.out}")
-    bar = tu.progress_bar(total_steps, initial=progress["step"], desc=args.model)
-    data = tu.endless_batches(dataset, sampler, batch, progress, args.num_workers)
-    running_loss, logged_steps, grad_norm, t0, seen = torch.zeros((), device=device), 0, torch.zeros(()), time.time(), 0
-    while progress["step"] < total_steps:
-        x, y, n_skipped = next(data)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.no_grad(), tu.autocast(device, args.precision):
-            z = ae.encoder.encode(x).float()
-        with tu.autocast(device, args.precision):
-            loss = rfm_loss(model_ddp, z, drop_labels(y, model.null_class), radius, alpha, euclidean=args.euclidean)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        lr = learning_rate(progress["step"], args.lr, warmup_steps)
-        if guard.step_ok(tu.all_finite(loss, params)):
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.step()
-            update_ema(ema, model, args.ema)
-            running_loss += loss.detach()
-            logged_steps += 1
-        progress["step"] += 1
-        progress["step_in_epoch"] += 1
-        progress["skipped_images"] += n_skipped
-        seen += x.shape[0] * world
-        bar.update(1)
-        step = progress["step"]
-        if step % args.log_every == 0 or step == total_steps:
-            logger.log(step, dict(loss=mean_over_ranks(running_loss / max(logged_steps, 1), world),
-                                  grad_norm=float(grad_norm), lr=lr, img_per_s=seen / (time.time() - t0),
-                                  epoch=progress["epoch"], skipped_images=progress["skipped_images"],
-                                  nonfinite_steps=guard.skipped_total))
-            running_loss.zero_()
-            logged_steps, t0, seen = 0, time.time(), 0
-        if step % args.sample_every == 0 or step == total_steps:
-            save_sample_grid(ema, ae, args, radius, alpha, os.path.join(args.out, f"samples_{step:07d}.png"), device)
-        if tu.checkpoint_or_stop(step, total_steps, args.ckpt_every, preempt, save):
-            break
-    bar.close()
-    preempt.restore()
+    tu.print0(f"{model_title(args, model)}, {'Euclidean FM' if args.euclidean else 'Riemannian FM'}"
+              f"{' (tangent loss)' if args.tangent_loss else ''}, {world} rank(s), global batch {args.global_batch} "
+              f"({run.batch // args.grad_accum} per rank × {args.grad_accum}), {run.total_steps} steps, lr {args.lr} "
+              f"(warm-up {warmup_steps} steps), EMA {args.ema}, grad clip {args.grad_clip or 'off'}, "
+              f"shift {alpha:.3g}, rho {ae.rho:.4g}, out {args.out}")
+    for step, x, y, rng in run.batches(dataset, desc=args.model if args.preset == "full" else "tiny DiT"):
+        train_step(model_ddp, ema, opt, ae, x, y, rng, learning_rate(step, args.lr, warmup_steps), alpha, args, run)
+        run.end_step(lambda: checkpoint_state(args, kwargs, ae_state, model, ema, opt),
+                     lambda step: save_sample_grid(ema, ae, args, alpha, os.path.join(args.out,
+                                                                                      f"samples_{step:07d}.png")))
     tu.cleanup_distributed()
-    return model, ema
+    return SimpleNamespace(model=model, ema=ema, stopped=run.stopped)
 
 
-def mean_over_ranks(value, world):
-    if tu.is_distributed():
-        dist.all_reduce(value)
-        value = value / world
-    return value.item()
-
-
-def save_sample_grid(ema, ae, args, radius, alpha, path, device):
+def save_sample_grid(ema, ae, args, alpha, path):
     """Samples of the EMA model for a fixed spread of classes and fixed noise: grids are comparable across steps.
     The noise comes from its own generators, so grids leave the training RNG (and exact resume) untouched."""
-    if not tu.is_main():
-        return
+    device = next(ema.parameters()).device
     labels = torch.arange(GRID_SAMPLES, device=device) * ema.num_classes // GRID_SAMPLES
-    noise = initial_noise(range(GRID_SAMPLES), ema, radius, args.euclidean, args.seed, device)
+    noise = initial_noise(range(GRID_SAMPLES), ema, ae.radius, args.euclidean, args.seed, device)
     with torch.no_grad(), tu.autocast(device, args.precision):
-        z = sample_latents(ema, labels, noise, radius, alpha, "euler" if args.euclidean else "euler-proj", GRID_STEPS)
-        images = ae.decoder(z).float()
+        z = sample_latents(ema, labels, noise, ae.radius, alpha, "euler" if args.euclidean else "euler-proj",
+                           GRID_STEPS)
+        images = ae.decode_sphere(z).float()
     tu.save_image_grid(images, path, nrow=GRID_SAMPLES // 2)
 
 
@@ -207,16 +184,19 @@ def save_sample_grid(ema, ae, args, radius, alpha, path, device):
 #                       Autoencoder, data and checkpoints                       #
 #################################################################################
 
-def load_frozen_autoencoder(args, device):
-    if not os.path.exists(args.ae):
-        raise FileNotFoundError(f"autoencoder checkpoint {args.ae} does not exist: train it with train_ae.py "
-                                "(stages 1-4) or pass --ae")
-    ae, config = load_autoencoder(args.ae, device, dino_weights=args.dino_weights)
-    size = TINY_CONFIG["image_size"] if args.preset == "tiny" else FULL_CONFIG["image_size"]
-    if config["image_size"] != size:
-        raise ValueError(f"autoencoder {args.ae} works on {config['image_size']}px images, the {args.preset} "
-                         f"preset's data are {size}px")
-    return ae, config
+def check_autoencoder(args):
+    """The autoencoder checkpoint the latents come from, checked before any model is built -> its state + path."""
+    state, path = tu.load_checkpoint(args.ae, "dino-sae-ae", "--ae")
+    size = image_size(args.preset)
+    if state["config"]["image_size"] != size:
+        raise tu.DataError(f"--ae {path} works on {state['config']['image_size']}px images, the {args.preset} "
+                           f"preset's data are {size}px")
+    if state.get("rho") is None:
+        raise tu.DataError(f"--ae {path} holds no measured mean token norm rho: train it with this train_ae.py")
+    if state["stage"] < 4:
+        tu.print0(f"warning: --ae {path} is a stage-{state['stage']} autoencoder; the paper trains the DiT on "
+                  "stage 4 (noise-augmented decoder)", file=sys.stderr)
+    return dict(state, path=path)
 
 
 def dataset_classes(base):
@@ -224,26 +204,30 @@ def dataset_classes(base):
     return base.num_classes if hasattr(base, "num_classes") else max(len(base.classes), 1)
 
 
-def checkpoint_state(args, kwargs, ae_config, model, ema, opt, progress, rng):
+def checkpoint_state(args, kwargs, ae_state, model, ema, opt):
     return dict(kind="dino-sae-dit", model_name=args.model, model_kwargs=kwargs, euclidean=args.euclidean,
-                args=vars(args), ae=os.path.abspath(args.ae), ae_config=ae_config, progress=dict(progress),
-                model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), rng=rng)
+                args=vars(args), ae=ae_state["path"], ae_config=ae_state["config"], model=model.state_dict(),
+                ema=ema.state_dict(), opt=opt.state_dict())
 
 
-def check_checkpoint(state, path, name, kwargs, euclidean):
+def check_checkpoint(state, path, args, kwargs, ae_path):
     """A resume must continue the same model on the same latents: anything else is one clear error."""
     if state.get("kind") != "dino-sae-dit":
         found = f"a {state['kind']!r} checkpoint" if "kind" in state else "not a DINO-SAE checkpoint"
-        raise ValueError(f"{path} is {found}, not a DiT checkpoint written by train_dit.py")
-    if (state["model_name"], state["model_kwargs"]) != (name, kwargs):
-        raise ValueError(f"{path} holds {state['model_name']} {state['model_kwargs']}; this run builds {name} {kwargs}")
-    if state["euclidean"] != euclidean:
-        raise ValueError(f"{path} was trained with {'Euclidean' if state['euclidean'] else 'Riemannian'} flow "
-                         "matching; pass the same --euclidean setting to resume it")
+        raise tu.DataError(f"{path} is {found}, not a DiT checkpoint written by train_dit.py")
+    if (state["model_name"], state["model_kwargs"]) != (args.model, kwargs):
+        raise tu.DataError(f"{path} holds {state['model_name']} {state['model_kwargs']}; this run builds "
+                           f"{args.model} {kwargs}")
+    if state["euclidean"] != args.euclidean:
+        raise tu.DataError(f"{path} was trained with {'Euclidean' if state['euclidean'] else 'Riemannian'} flow "
+                           "matching; pass the same --euclidean setting to resume it")
+    if os.path.abspath(state["ae"]) != os.path.abspath(ae_path):
+        tu.print0(f"warning: {path} was trained on the latents of {state['ae']}, this run uses {ae_path}",
+                  file=sys.stderr)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tu.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(DiT_models), default="LightningDiT-XL/1",
                    help="the tiny preset keeps the family (LightningDiT or DiTDH) and shrinks the size to width 128")
     p.add_argument("--preset", choices=["full", "tiny"], default="full",
@@ -253,8 +237,9 @@ def parse_args(argv=None):
     p.add_argument("--dino-weights", help="DINOv3 ViT-L/16 file, if not where the autoencoder checkpoint says")
     p.add_argument("--out", default=None, help="run folder (default runs/dit, tiny: runs/tiny/dit)")
     p.add_argument("--euclidean", action="store_true", help="Euclidean flow matching (the ablation baseline)")
+    p.add_argument("--tangent-loss", action="store_true",
+                   help="ablation: regress the tangent projection P_x v of the output instead of v itself (Eq. 14)")
     p.add_argument("--global-batch", type=int, default=1024)
-    p.add_argument("--epochs", type=int, default=80)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--ema", type=float, default=None, help="EMA decay (default 0.9999 LightningDiT, 0.9995 DiTDH)")
     p.add_argument("--warmup-epochs", type=int, default=None,
@@ -263,21 +248,24 @@ def parse_args(argv=None):
                                                                 "1.0 DiTDH)")
     p.add_argument("--sample-every", type=int, default=10000)
     p.add_argument("--ckpt-every", type=int, default=10000)
-    p.add_argument("--compile", action="store_true", help="torch.compile the DiT")
     tu.add_run_args(p)
     args = p.parse_args(argv)
+    tu.check_run_args(args)
     defaults = dict(FAMILY_DEFAULTS[family(args.model)])
-    if args.preset == "tiny":
-        defaults.update(ema=0.99, warmup_epochs=min(defaults["warmup_epochs"], 1))  # runs of a few hundred steps
-        tu.apply_preset(p, args, dict(out="runs/tiny/dit", ae="runs/tiny/ae/stage4", global_batch=16, num_workers=0,
-                                      log_every=10, sample_every=100, ckpt_every=100, max_steps=300, lr=1e-3,
-                                      precision="fp32"))  # CPU bf16 is emulated: slower than fp32
-    tu.apply_preset(p, args, defaults)  # the family's EMA, warm-up and clipping where no flag was given
-    if not 0 <= args.ema < 1 or args.grad_clip < 0 or args.warmup_epochs < 0:
-        p.error(f"need 0 <= --ema < 1, --grad-clip >= 0, --warmup-epochs >= 0; got {args.ema}, {args.grad_clip}, "
-                f"{args.warmup_epochs}")
+    if args.preset == "tiny":  # runs of a few hundred steps on CPU: fp32 (CPU bf16 is emulated), a large lr
+        defaults.update(ema=0.99, warmup_epochs=min(defaults["warmup_epochs"], 1))
+        tiny = dict(out="runs/tiny/dit", ae="runs/tiny/ae/stage4", global_batch=16, num_workers=0, log_every=10,
+                    sample_every=100, ckpt_every=100, lr=1e-3, precision="fp32")
+        if args.epochs is None:
+            tiny["max_steps"] = 300
+        tu.apply_preset(p, args, "tiny preset", tiny)
+    tu.apply_preset(p, args, f"{family(args.model)} defaults", defaults)  # §4.2, where no flag was given
+    args.epochs = 80 if args.epochs is None else args.epochs
     args.out = args.out or "runs/dit"
     args.ae = args.ae or "runs/ae/stage4"
+    if not 0 <= args.ema < 1 or args.grad_clip < 0 or args.warmup_epochs < 0 or args.lr <= 0:
+        raise tu.UsageError(f"need 0 <= --ema < 1, --grad-clip >= 0, --warmup-epochs >= 0, --lr > 0; got {args.ema}, "
+                            f"{args.grad_clip}, {args.warmup_epochs}, {args.lr}")
     return args
 
 
@@ -286,4 +274,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    tu.cli(main)
