@@ -15,7 +15,7 @@ import json
 import math
 import os
 import struct
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -64,15 +64,14 @@ class BatchRandom:
 
 
 class _Recompute:
-    active = False  # True while activation checkpointing re-runs a forward inside backward
+    """Context of a forward re-run by activation checkpointing inside backward (re-enterable: a graph kept with
+    retain_graph may be recomputed more than once)."""
+    active = False
 
+    def __enter__(self):
+        _Recompute.active = True
 
-@contextmanager
-def _recomputing():
-    _Recompute.active = True
-    try:
-        yield
-    finally:
+    def __exit__(self, *exc):
         _Recompute.active = False
 
 
@@ -81,7 +80,7 @@ def maybe_checkpoint(enabled, fn, *args):
     Gradients are unchanged: the re-run sees the same inputs, and BatchNorm does not count it as another batch."""
     if not (enabled and torch.is_grad_enabled()):
         return fn(*args)
-    return checkpoint(fn, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), _recomputing()))
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), _Recompute()))
 
 
 #################################################################################

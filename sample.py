@@ -244,7 +244,7 @@ def parse_args(argv=None):
     p.add_argument("--label-sampling", choices=["equal", "random"], default="equal",
                    help="equal: class i mod K for sample i (RAE); random: uniform labels (DiT/ADM)")
     p.add_argument("--batch-size", type=int, default=None, help="per rank (default 64, tiny: 32)")
-    p.add_argument("--num-workers", type=int, default=8, help="--recon data loader workers")
+    p.add_argument("--num-workers", type=int, default=None, help="--recon data loader workers (default 8, tiny: 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None,
                    help="autocast dtype (default bf16, tiny: fp32)")

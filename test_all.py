@@ -1,3 +1,5 @@
+import argparse
+import copy
 import functools
 import io
 import json
@@ -11,7 +13,6 @@ import subprocess
 import sys
 import time
 
-import argparse
 import bench
 import fid
 import losses
@@ -1985,36 +1986,37 @@ def test_cli_errors(tmp_path):
     assert os.path.isdir(folder)
 
 
-_GEN_CACHE = {}
+@pytest.fixture(scope="module")
+def tiny_ae(tmp_path_factory):
+    """A tiny stage-4 DINO-SAE checkpoint with random weights, written by train_ae.py's own checkpoint code; its ρ is
+    measured on synthetic images as the trainer measures it (mean token norm of z_S)."""
+    out = tmp_path_factory.mktemp("ae")
+    args = train_ae.parse_args(["--stage", "4", "--preset", "tiny", "--out", str(out)])
+    config = train_ae.build_config(args)
+    torch.manual_seed(0)
+    ae = train_ae.build_autoencoder(config)
+    with torch.no_grad():
+        images = torch.stack([tu.SyntheticImages(8, 64)[i][0] for i in range(8)])
+        rho = ae.encoder(images)["z_s"].norm(dim=-1).mean().item()
+    opt = torch.optim.AdamW(ae.decoder.parameters())
+    progress = dict(step=0, epoch=0, step_in_epoch=0, skipped_images=0, nonfinite_steps=0, tallies={})
+    state = dict(train_ae.checkpoint_state(args, config, ae, None, opt, None, rho), progress=progress,
+                 rng=tu.gather_rng_states(1))
+    return tu.CheckpointManager(str(out / "stage4")).save(state, 0)
 
 
-def _gen_autoencoder(tmp_path):
-    """A tiny stage-4 DINO-SAE checkpoint with random weights, written by train_ae's own checkpoint code (made once)."""
-    if "ae" not in _GEN_CACHE:
-        out = str(tmp_path / "ae")
-        args = train_ae.parse_args(["--stage", "4", "--preset", "tiny", "--out", out])
-        config = train_ae.build_config(args)
-        torch.manual_seed(0)
-        ae = train_ae.build_autoencoder(config)
-        opt = torch.optim.AdamW(ae.decoder.parameters())
-        progress = dict(step=0, epoch=0, step_in_epoch=0, skipped_images=0, nonfinite=0)
-        state = train_ae.checkpoint_state(args, config, ae, None, opt, None, progress, tu.gather_rng_states(1))
-        _GEN_CACHE["ae"] = tu.CheckpointManager(os.path.join(out, "stage4")).save(state, 0)
-    return _GEN_CACHE["ae"]
-
-
-def _gen_train(tmp_path, out, *extra):
-    argv = ["--preset", "tiny", "--ae", _gen_autoencoder(tmp_path), "--out", str(out), "--num-images", "12",
-            "--global-batch", "4", "--log-every", "1", "--sample-every", "1000", "--ckpt-every", "1000", *extra]
+def _gen_train(ae_path, out, *extra):
+    argv = ["--preset", "tiny", "--ae", ae_path, "--out", str(out), "--num-images", "12", "--global-batch", "4",
+            "--log-every", "1", "--sample-every", "1000", "--ckpt-every", "1000", *extra]
     return train_dit.main(argv)
 
 
-def _gen_dit(tmp_path):
-    """A tiny LightningDiT run folder (2 steps), made once."""
-    if "dit" not in _GEN_CACHE:
-        _gen_train(tmp_path, tmp_path / "dit", "--max-steps", "2")
-        _GEN_CACHE["dit"] = str(tmp_path / "dit")
-    return _GEN_CACHE["dit"]
+@pytest.fixture(scope="module")
+def tiny_dit(tiny_ae, tmp_path_factory):
+    """A tiny LightningDiT run folder (2 steps)."""
+    out = tmp_path_factory.mktemp("dit")
+    _gen_train(tiny_ae, out, "--max-steps", "2")
+    return str(out)
 
 
 def _gen_metrics(out):
@@ -2029,36 +2031,101 @@ def _gen_png_size(path):
     return struct.unpack(">II", head[16:24])  # width, height
 
 
-def test_tiny_dit_loss_falls(tmp_path):
+def _gen_weights(result):
+    return {**{f"model.{k}": v for k, v in result.model.state_dict().items()},
+            **{f"ema.{k}": v for k, v in result.ema.state_dict().items()}}
+
+
+@pytest.mark.slow
+def test_tiny_dit_loss_falls(tiny_ae, tmp_path):
     out = tmp_path / "learn"
-    _gen_train(tmp_path, out, "--num-images", "8", "--global-batch", "8", "--max-steps", "30")
+    _gen_train(tiny_ae, out, "--num-images", "8", "--global-batch", "8", "--max-steps", "30")
     losses = [m["loss"] for m in _gen_metrics(str(out))]
     assert len(losses) == 30 and all(np.isfinite(losses))
-    assert np.mean(losses[-10:]) < 0.9 * np.mean(losses[:3])  # ~0.8: what is left is the variance of the target
+    assert np.mean(losses[-10:]) < 0.9 * np.mean(losses[:3])
     assert _gen_png_size(out / "samples_0000030.png") == (8 * 66 + 2, 2 * 66 + 2)  # 16 EMA samples, 8 per row
     state = torch.load(out / "ckpt_0000030.pt", weights_only=True)
     assert state["kind"] == "dino-sae-dit" and state["model_kwargs"]["in_channels"] == 128
     assert state["ae_config"]["image_size"] == 64 and state["progress"]["step"] == 30
+    assert state["ae"] == tiny_ae  # the resolved autoencoder file, which sample.py decodes with
 
 
-def _gen_weights(model, ema):
-    return {**{f"model.{k}": v for k, v in model.state_dict().items()},
-            **{f"ema.{k}": v for k, v in ema.state_dict().items()}}
+def test_dit_recipe_per_family(tiny_ae, tmp_path):
+    """§4.2: AdamW lr 2e-4, betas (0.9, 0.95), no weight decay, batch 1024, 80 epochs; LightningDiT EMA 0.9999, constant
+    lr, no clipping; DiT^DH EMA 0.9995, warm-up over 40 epochs, clipping at 1.0; label dropout 0.1."""
+    light = train_dit.parse_args(["--model", "LightningDiT-XL/1"])
+    dh = train_dit.parse_args(["--model", "DiTDH-XL/1"])
+    for args in (light, dh):
+        assert (args.lr, args.global_batch, args.epochs) == (2e-4, 1024, 80)
+    assert (light.ema, light.warmup_epochs, light.grad_clip) == (0.9999, 0, 0.0)
+    assert (dh.ema, dh.warmup_epochs, dh.grad_clip) == (0.9995, 40, 1.0)
+    assert train_dit.BETAS == (0.9, 0.95) and train_dit.LABEL_DROPOUT == 0.1
+    result = _gen_train(tiny_ae, tmp_path / "run", "--model", "DiTDH-XL/1", "--max-steps", "1", "--lr", "3e-4")
+    group = torch.load(tmp_path / "run" / "ckpt_0000001.pt", weights_only=True)["opt"]["param_groups"][0]
+    assert group["betas"] == (0.9, 0.95) and group["weight_decay"] == 0.0
+    assert group["lr"] == pytest.approx(3e-4 / 3)  # warm-up: step 1 of the tiny preset's 1 epoch = 3 steps
+    assert [train_dit.learning_rate(s, 2e-4, 4) for s in (1, 2, 4, 9)] == [5e-5, 1e-4, 2e-4, 2e-4]
+    assert train_dit.learning_rate(1, 2e-4, 0) == 2e-4
+    # EMA: ema <- decay·ema + (1 - decay)·param, from a copy of the model at init
+    model = _dit_tiny("lightning")
+    ema = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    train_dit.update_ema(ema, model, 0.9)
+    for (name, p), e in zip(model.named_parameters(), ema.parameters()):
+        assert torch.allclose(e, 0.9 * before[name] + 0.1 * p, atol=1e-6), name
+    # label dropout: 10% of the labels go to the null class, sample by sample
+    rng = SampleRNG.for_step(0, 1, 20000, 0, 1, "cpu")
+    dropped = (train_dit.drop_labels(torch.zeros(20000, dtype=torch.long), 1000, rng) == 1000).double().mean().item()
+    assert abs(dropped - 0.1) < 4 * math.sqrt(0.1 * 0.9 / 20000)
+    assert isinstance(result.model, DiTDH)
 
 
-def test_dit_resume_bit_identical_and_sigterm_checkpoint(tmp_path, monkeypatch):
+def _dit_first_step(tiny_ae, out, *extra):
+    """Gradients the optimizer saw at step 1 and the parameters after it."""
+    seen = []
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        seen.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
+        return original(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = step
+    try:
+        result = _gen_train(tiny_ae, out, "--num-images", "8", "--global-batch", "8", "--max-steps", "1", *extra)
+    finally:
+        torch.optim.AdamW.step = original
+    return seen[0], list(result.model.parameters())
+
+
+def test_dit_grad_accum_equals_the_full_batch_step(tiny_ae, tmp_path):
+    """--grad-accum 4 (4 micro-batches of 2) takes the optimizer step of one batch of 8: every random number (label
+    dropout, t, noise) belongs to a sample, and the chunk losses are divided by 4."""
+    grads_full, params_full = _dit_first_step(tiny_ae, tmp_path / "full")
+    grads_accum, params_accum = _dit_first_step(tiny_ae, tmp_path / "accum", "--grad-accum", "4")
+    for a, b in zip(grads_full, grads_accum):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    for a, b in zip(params_full, params_accum):  # AdamW's lr·g/(|g| + 1e-8) turns fp noise on |g| ≈ 1e-8 into ~1e-6
+        assert torch.allclose(a, b, rtol=0, atol=1e-5)
+    grads_other, _ = _dit_first_step(tiny_ae, tmp_path / "other", "--seed", "1")
+    assert not all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(grads_full, grads_other))
+
+
+def test_dit_resume_bit_identical_and_sigterm_checkpoint(tiny_ae, tmp_path, monkeypatch):
     # DiT^DH: lr warm-up (1 epoch = 3 steps in the tiny preset) and grad clipping are part of the resumed state.
     common = ("--model", "DiTDH-XL/1", "--max-steps", "6")
-    straight = _gen_weights(*_gen_train(tmp_path, tmp_path / "straight", *common))
+    straight = _gen_weights(_gen_train(tiny_ae, tmp_path / "straight", *common))
 
     halves = tmp_path / "halves"
-    _gen_train(tmp_path, halves, "--model", "DiTDH-XL/1", "--max-steps", "4", "--ckpt-every", "2")  # mid-epoch
+    _gen_train(tiny_ae, halves, "--model", "DiTDH-XL/1", "--max-steps", "4", "--ckpt-every", "2")  # mid-epoch
     newest = halves / "ckpt_0000004.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a crash while writing, say
     with pytest.warns(UserWarning, match="ckpt_0000004.pt is unreadable"):
-        resumed = _gen_weights(*_gen_train(tmp_path, halves, *common))  # falls back to step 2, runs 3..6
+        resumed = _gen_weights(_gen_train(tiny_ae, halves, *common))  # falls back to step 2, runs 3..6
 
-    real_loss, calls = train_dit.rfm_loss, []
+    real_loss, calls = train_dit.flow_matching_loss, []
 
     def loss_then_signal(*a, **k):
         calls.append(1)
@@ -2066,94 +2133,122 @@ def test_dit_resume_bit_identical_and_sigterm_checkpoint(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step: the step finishes, then checkpoint and return
         return real_loss(*a, **k)
 
-    monkeypatch.setattr(train_dit, "rfm_loss", loss_then_signal)
-    _gen_train(tmp_path, tmp_path / "preempted", *common)
-    monkeypatch.setattr(train_dit, "rfm_loss", real_loss)
-    assert len(calls) == 2 and sorted(f for f in os.listdir(tmp_path / "preempted") if f.startswith("ckpt")) == \
-        ["ckpt_0000002.pt"]
-    after_signal = _gen_weights(*_gen_train(tmp_path, tmp_path / "preempted", *common))
+    monkeypatch.setattr(train_dit, "flow_matching_loss", loss_then_signal)
+    stopped = _gen_train(tiny_ae, tmp_path / "preempted", *common)
+    monkeypatch.setattr(train_dit, "flow_matching_loss", real_loss)
+    assert stopped.stopped == signal.SIGTERM and len(calls) == 2
+    assert sorted(f for f in os.listdir(tmp_path / "preempted") if f.startswith("ckpt")) == ["ckpt_0000002.pt"]
+    after_signal = _gen_weights(_gen_train(tiny_ae, tmp_path / "preempted", *common))
 
     assert straight.keys() == resumed.keys() == after_signal.keys()
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
         assert torch.equal(straight[k], after_signal[k]), k
-    last = _gen_metrics(str(halves))[-1]
-    assert last["step"] == 6 and last["lr"] == pytest.approx(1e-3)  # warm-up over
+    metrics = _gen_metrics(str(halves))
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]  # the records of the lost steps 3-4 were replaced
+    assert metrics[-1]["lr"] == pytest.approx(1e-3)  # warm-up over
 
 
-def test_dit_non_finite_steps_skipped_then_fatal(tmp_path, monkeypatch):
-    real_loss, calls = train_dit.rfm_loss, []
+def test_dit_non_finite_steps_skipped_then_fatal(tiny_ae, tmp_path, monkeypatch):
+    real_loss, calls = train_dit.flow_matching_loss, []
 
     def nan_on_second_call(*a, **k):
         calls.append(1)
         loss = real_loss(*a, **k)
         return loss * float("nan") if len(calls) == 2 else loss
 
-    monkeypatch.setattr(train_dit, "rfm_loss", nan_on_second_call)
-    model, ema = _gen_train(tmp_path, tmp_path / "one_nan", "--max-steps", "3")
+    monkeypatch.setattr(train_dit, "flow_matching_loss", nan_on_second_call)
+    result = _gen_train(tiny_ae, tmp_path / "one_nan", "--max-steps", "3")
     assert _gen_metrics(str(tmp_path / "one_nan"))[-1]["nonfinite_steps"] == 1
-    assert all(torch.isfinite(p).all() for p in [*model.parameters(), *ema.parameters()])
+    assert all(torch.isfinite(p).all() for p in [*result.model.parameters(), *result.ema.parameters()])
 
-    monkeypatch.setattr(train_dit, "rfm_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
+    monkeypatch.setattr(train_dit, "flow_matching_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
     with pytest.raises(RuntimeError, match="2 consecutive steps"):
-        _gen_train(tmp_path, tmp_path / "all_nan", "--max-steps", "5", "--max-nonfinite", "2")
+        _gen_train(tiny_ae, tmp_path / "all_nan", "--max-steps", "5", "--max-nonfinite", "2")
 
 
-def test_dit_wrong_checkpoints_and_inputs_fail_clearly(tmp_path):
-    ae_path, dit = _gen_autoencoder(tmp_path), _gen_dit(tmp_path)
-    with pytest.raises(ValueError, match="'dino-sae-ae' checkpoint, not a DiT checkpoint"):
-        _gen_train(tmp_path, tmp_path / "x", "--max-steps", "1", "--resume", ae_path)
-    with pytest.raises(ValueError, match="holds LightningDiT-XL/1 .* this run builds DiTDH-XL/1"):
-        _gen_train(tmp_path, tmp_path / "x", "--max-steps", "1", "--model", "DiTDH-XL/1",
-                   "--resume", os.path.join(dit, "ckpt_0000002.pt"))
-    with pytest.raises(ValueError, match="Riemannian flow matching; pass the same --euclidean"):
-        _gen_train(tmp_path, tmp_path / "x", "--max-steps", "1", "--euclidean", "--resume", "auto", "--out", dit)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        _gen_train(tmp_path, tmp_path / "x", "--data", str(tmp_path / "no_such_folder"))
-    with pytest.raises(FileNotFoundError, match="autoencoder checkpoint .* does not exist"):
+def test_dit_wrong_checkpoints_and_inputs_fail_clearly(tiny_ae, tiny_dit, tmp_path):
+    with pytest.raises(tu.DataError, match="'dino-sae-ae' checkpoint, not a DiT checkpoint"):
+        _gen_train(tiny_ae, tmp_path / "x", "--max-steps", "1", "--resume", tiny_ae)
+    with pytest.raises(tu.DataError, match="holds LightningDiT-XL/1 .* this run builds DiTDH-XL/1"):
+        _gen_train(tiny_ae, tmp_path / "x", "--max-steps", "1", "--model", "DiTDH-XL/1",
+                   "--resume", os.path.join(tiny_dit, "ckpt_0000002.pt"))
+    with pytest.raises(tu.DataError, match="Riemannian flow matching; pass the same --euclidean"):
+        _gen_train(tiny_ae, tmp_path / "x", "--max-steps", "1", "--euclidean", "--resume", "auto", "--out", tiny_dit)
+    with pytest.raises(tu.MissingFileError, match="does not exist"):
+        _gen_train(tiny_ae, tmp_path / "x", "--data", str(tmp_path / "no_such_folder"))
+    with pytest.raises(tu.MissingFileError, match="--ae .* does not exist"):
         train_dit.main(["--preset", "tiny", "--ae", str(tmp_path / "no_ae"), "--out", str(tmp_path / "x")])
-    with pytest.raises(ValueError, match="holds no DiT checkpoint"):
-        sample.main(["--preset", "tiny", "--dit", ae_path, "--out", str(tmp_path / "s.npz")])
-    with pytest.raises(ValueError, match="trained with Riemannian flow matching: use --sampler euler-proj"):
-        sample.main(["--preset", "tiny", "--dit", dit, "--sampler", "euler", "--out", str(tmp_path / "s.npz")])
+    with pytest.raises(tu.DataError, match="--dit .* is a 'dino-sae-ae' checkpoint: expected a 'dino-sae-dit'"):
+        sample.main(["--preset", "tiny", "--dit", tiny_ae, "--out", str(tmp_path / "s.npz")])
+    with pytest.raises(tu.UsageError, match="trained with Riemannian flow matching: use --sampler euler-proj"):
+        sample.main(["--preset", "tiny", "--dit", tiny_dit, "--sampler", "euler", "--out", str(tmp_path / "s.npz")])
+    assert not (tmp_path / "x").exists()
 
 
-def test_sample_writes_class_balanced_adm_npz_and_grid(tmp_path):
-    dit = _gen_dit(tmp_path)
-    assert sample.to_uint8(torch.tensor([-1.0, 1.0, 0.0, -3.0, 3.0, 0.5]).view(1, 1, 1, 6)).flatten().tolist() == \
+def test_sample_writes_class_balanced_adm_npz_and_grid(tiny_dit, tmp_path):
+    assert tu.to_uint8(torch.tensor([-1.0, 1.0, 0.0, -3.0, 3.0, 0.5]).view(1, 1, 1, 6)).flatten().tolist() == \
         [0, 255, 128, 0, 255, 191]  # clamp(127.5x + 128), truncated as the ADM/DiT samplers do
     out = str(tmp_path / "samples.npz")
-    sample.main(["--preset", "tiny", "--dit", dit, "--num-samples", "16", "--steps", "4", "--batch-size", "16",
+    sample.main(["--preset", "tiny", "--dit", tiny_dit, "--num-samples", "16", "--steps", "4", "--batch-size", "16",
                  "--cfg-scale", "1.5", "--cfg-interval", "0.2", "1.0", "--out", out])
     with np.load(out) as f:
         images, labels = f["arr_0"], f["arr_1"]
     assert images.dtype == np.uint8 and images.shape == (16, 64, 64, 3) and images.std() > 0
-    assert np.bincount(labels).tolist() == [2] * 8
+    assert labels.tolist() == [i % 8 for i in range(16)]  # 'equal': sample i has class i mod 8
     assert _gen_png_size(str(tmp_path / "samples.png")) == (8 * 66 + 2, 2 * 66 + 2)
     assert not [f for f in os.listdir(tmp_path) if "shard" in f]
 
     # each sample's noise depends on (seed, index) only: a different batching gives the same images
-    sample.main(["--preset", "tiny", "--dit", dit, "--num-samples", "16", "--steps", "4", "--batch-size", "5",
+    sample.main(["--preset", "tiny", "--dit", tiny_dit, "--num-samples", "16", "--steps", "4", "--batch-size", "5",
                  "--cfg-scale", "1.5", "--cfg-interval", "0.2", "1.0", "--out", str(tmp_path / "again.npz")])
     with np.load(tmp_path / "again.npz") as f:
         assert np.abs(f["arr_0"].astype(int) - images).max() <= 1
+    sample.main(["--preset", "tiny", "--dit", tiny_dit, "--num-samples", "400", "--steps", "1",
+                 "--label-sampling", "random", "--out", str(tmp_path / "random.npz")])
+    with np.load(tmp_path / "random.npz") as f:
+        counts = np.bincount(f["arr_1"], minlength=8)
+    assert counts.sum() == 400 and len(set(counts.tolist())) > 1 and counts.min() > 20  # uniform, not balanced
 
 
-def test_sample_rodrigues_matches_euler_proj_closely(tmp_path):
-    # both integrate the same ODE on the spheres: with enough steps their images agree up to small differences
-    dit = _gen_dit(tmp_path)
-    arrays = []
-    for name in ("euler-proj", "rodrigues"):
-        out = str(tmp_path / f"{name}.npz")
-        sample.main(["--preset", "tiny", "--dit", dit, "--num-samples", "8", "--steps", "20", "--sampler", name,
-                     "--out", out])
-        with np.load(out) as f:
-            arrays.append(f["arr_0"].astype(float))
-    assert np.abs(arrays[0] - arrays[1]).mean() < 2.0
+@pytest.fixture(scope="module")
+def moving_dit(tiny_dit, tmp_path_factory):
+    """The tiny DiT with its zero-initialised output layers perturbed: a velocity field that actually moves."""
+    state = torch.load(os.path.join(tiny_dit, "ckpt_0000002.pt"), weights_only=True)
+    g = torch.Generator().manual_seed(0)
+    state["ema"] = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() and "freqs" not in k
+                    else v for k, v in state["ema"].items()}
+    path = tmp_path_factory.mktemp("moving") / "ckpt_0000002.pt"
+    torch.save(state, path)
+    return str(path)
 
 
-def test_recon_writes_paired_npz_of_center_crops(tmp_path):
-    ae_path = _gen_autoencoder(tmp_path)
+def test_sample_decodes_through_the_sphere_with_the_decoder_only(moving_dit, tiny_ae, tmp_path, monkeypatch):
+    """Generation loads the decoder only (no DINOv3 file) and feeds it ρ/R·x: tokens of norm ρ."""
+    seen = []
+    monkeypatch.setattr(DCAEDecoder, "forward", lambda self, z, f=DCAEDecoder.forward: seen.append(z) or f(self, z))
+    monkeypatch.setattr(train_ae, "load_vit", lambda *a: pytest.fail("generation must not load the encoder"))
+    sample.main(["--preset", "tiny", "--dit", moving_dit, "--num-samples", "4", "--steps", "3",
+                 "--out", str(tmp_path / "s.npz")])
+    rho = torch.load(tiny_ae, weights_only=True)["rho"]
+    norms = torch.cat(seen).norm(dim=1)
+    assert torch.allclose(norms, torch.full_like(norms, rho), rtol=1e-4)
+
+
+def test_sample_rodrigues_and_euler_proj_converge_to_each_other(moving_dit, tmp_path):
+    """Both integrate the same ODE on the spheres: at 2 steps their latents differ, and the gap shrinks with steps."""
+    model, state = sample.load_dit(moving_dit, "cpu")
+    noise = sample.initial_noise(range(4), model, math.sqrt(128), False, 0, "cpu")
+    labels = torch.arange(4)
+    gaps = []
+    for steps in (2, 8, 32):
+        a, b = (sample.sample_latents(model, labels, noise, math.sqrt(128), 1.0, name, steps)
+                for name in ("euler-proj", "rodrigues"))
+        gaps.append((a - b).norm(dim=1).max().item())
+    assert gaps[0] > 1e-3 and gaps[1] < gaps[0] / 3 and gaps[2] < gaps[1] / 3, gaps
+
+
+def test_recon_writes_paired_npz_of_center_crops(tiny_ae, tmp_path):
     data = tmp_path / "images"
     g = torch.Generator().manual_seed(0)
     for i, (h, w) in enumerate([(60, 90), (140, 64), (64, 64)]):  # save_image_grid pads 2 px on each side
@@ -2161,7 +2256,7 @@ def test_recon_writes_paired_npz_of_center_crops(tmp_path):
     (data / "c0" / "broken.png").write_bytes(b"not a png")  # sorted last: with batches of 3 it is a batch alone
     out = str(tmp_path / "recon")
     with pytest.warns(UserWarning, match="skipping unreadable image"):
-        sample.main(["--recon", "--preset", "tiny", "--ae", ae_path, "--data", str(data), "--batch-size", "3",
+        sample.main(["--recon", "--preset", "tiny", "--ae", tiny_ae, "--data", str(data), "--batch-size", "3",
                      "--out", out])
     with np.load(out + "_originals.npz") as f:
         originals = f["arr_0"]
@@ -2171,12 +2266,14 @@ def test_recon_writes_paired_npz_of_center_crops(tmp_path):
     assert originals.shape == reconstructions.shape == (3, 64, 64, 3)
 
     dataset = tu.ImageFolderDataset(str(data), 64)
-    ae, _ = train_ae.load_autoencoder(ae_path)
+    ae, _ = train_ae.load_autoencoder(tiny_ae)
     x = torch.stack([dataset[i][0] for i in range(4) if dataset[i] is not None])
-    assert np.array_equal(originals, sample.to_uint8(x).numpy())  # the ADM center crops, exactly
+    assert np.array_equal(originals, ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
     with torch.no_grad():
-        expected = sample.to_uint8(ae.decoder(ae.encoder.encode(x))).numpy().astype(int)
-    assert np.abs(expected - reconstructions).max() <= 1
+        z = ae.encoder(x)["z"]
+        expected = ae.decoder(z)  # the decoder reads z_S itself
+    expected = (127.5 * expected + 128).clamp(0, 255).floor().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.abs(expected.astype(int) - reconstructions).max() <= 1
 
 
 REPO = os.path.dirname(os.path.abspath(__file__))
