@@ -1,4 +1,4 @@
-"""Evaluation metrics (paper §4, SPEC §5): FID, sFID, IS, precision/recall of samples; rFID, PSNR, SSIM, LPIPS of
+"""Evaluation metrics (paper §4): FID, sFID, IS, precision/recall of samples; rFID, PSNR, SSIM, LPIPS of
 reconstructions. Numbers follow the ADM evaluator (openai/guided-diffusion `evaluations/evaluator.py`) computed with
 pytorch-fid's PyTorch port of the TF "inception-2015-12-05" network.
 

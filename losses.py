@@ -1,4 +1,4 @@
-"""Losses of the DINO-SAE autoencoder (paper §3.2-3.3, SPEC §2.3).
+"""Losses of the DINO-SAE autoencoder (paper §3.2-3.3).
 
   L_align  Eq. 6: 1 - cos(z_S, z_T), averaged over patch tokens (stage 1-2)
   L_rec    L1 + LPIPS(VGG) on [-1, 1] pixels
