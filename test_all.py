@@ -712,6 +712,7 @@ def test_adaptive_weight_equals_gradient_norm_ratio():
     assert lam.item() == 1e4
 
 
+@pytest.mark.slow
 def test_lpips_random_backbone():
     net = build_lpips(pretrained=False)
     assert not net.training and all(not p.requires_grad for p in net.parameters())
@@ -729,19 +730,66 @@ def test_lpips_random_backbone():
         net(x, x[:, :, :16])
 
 
-def test_lpips_missing_vgg_names_file_and_folder(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-
+def _lpips_forbid_download_and_network(monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("a download was attempted")
 
+    def built(*args, **kwargs):
+        raise AssertionError("the network was built before its weights file was read")
+
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
-    with pytest.raises(FileNotFoundError) as info:
+    monkeypatch.setattr(losses.lpips, "LPIPS", built)
+
+
+def test_lpips_missing_vgg_names_file_and_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    _lpips_forbid_download_and_network(monkeypatch)
+    with pytest.raises(tu.MissingFileError) as info:
         build_lpips(pretrained=True)
     message = str(info.value)
-    assert "vgg16-397923af.pth" in message
+    assert "vgg16-397923af.pth" in message and "\n" not in message
     assert os.path.join(str(tmp_path), "hub", "checkpoints") in message
     assert losses.VGG16_URL in message and losses.VGG16_URL.startswith("https://download.pytorch.org/")
+
+
+def test_lpips_unreadable_vgg_file_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    _lpips_forbid_download_and_network(monkeypatch)
+    path = losses.vgg16_cache_path()
+    os.makedirs(os.path.dirname(path))
+    torch.save({"features.0.weight": torch.zeros(1000)}, path)
+    truncated = open(path, "rb").read()[:300]
+    for data, detail in [(os.urandom(4096), "unreadable"), (b"", "unreadable"), (truncated, "unreadable"), (None, "list")]:
+        if data is None:
+            torch.save([1, 2], path)
+        else:
+            with open(path, "wb") as f:
+                f.write(data)
+        with pytest.raises(tu.DataError) as info:
+            build_lpips(pretrained=True)
+        message = str(info.value)
+        assert message.startswith(f"LPIPS VGG16 weights {path} (torch hub cache)") and detail in message, message
+        assert "vgg16-397923af.pth" in message and losses.VGG16_URL in message, message
+        assert "\n" not in message and "weights_only" not in message, message
+
+
+@pytest.mark.slow
+def test_lpips_pretrained_trunk_is_torchvision_vgg16_features(tmp_path, monkeypatch):
+    from torchvision.models import vgg
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(0)
+    features = vgg.make_layers(vgg.cfgs["D"]).eval()  # torchvision's vgg16().features
+    state = {f"features.{k}": v for k, v in features.state_dict().items()}
+    os.makedirs(os.path.dirname(losses.vgg16_cache_path()))
+    torch.save({**state, "classifier.6.bias": torch.zeros(1000)}, losses.vgg16_cache_path())  # LPIPS ignores the head
+    trunk = build_lpips(pretrained=True).net.net
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        taps = trunk(x)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+        for tap, end in zip(taps, (4, 9, 16, 23, 30)):
+            torch.testing.assert_close(tap, features[:end](x), rtol=0, atol=0)
+    with pytest.raises(tu.DataError, match=r"lacks \['features.28.weight'\] or has them in another shape"):
+        losses.load_vgg16_features(trunk, {**state, "features.28.weight": torch.zeros(3)})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
