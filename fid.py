@@ -17,8 +17,8 @@ by this script. In paired mode REF holds the originals in the order of the recon
 their headers before any network is built.
 
 Statistics computed from REF's images are cached next to it as `<REF minus .npz>_<preprocess>[_<size>px]_fidstats.npz`
-and reused only while the Inception weights, the preprocessing and the sha256 of REF's bytes (of a folder: of every
-image file and its relative path) are those they were made from; otherwise they are recomputed. `--no-cache` neither
+and reused only while the Inception weights, the preprocessing and the sha256 of REF's bytes (of a folder: of its
+image files in sorted order) are those they were made from; otherwise they are recomputed. `--no-cache` neither
 reads nor writes the cache.
 """
 import argparse
@@ -610,11 +610,11 @@ def file_sha256(path):
 
 
 def content_digest(ref):
-    """sha256 over the bytes REF's statistics come from: the npz file, or every image of a folder with its path
-    relative to the folder (a renamed or reordered file changes the reference too)."""
+    """sha256 over the bytes REF's statistics come from: the npz file, or the image files of a folder in the order
+    they are read."""
     digest = hashlib.sha256()
     for path in image_files(ref) if os.path.isdir(ref) else [ref]:
-        digest.update(os.path.relpath(path, ref).encode() + b"\0" + file_sha256(path))
+        digest.update(file_sha256(path))
     return digest.hexdigest()
 
 
