@@ -1904,9 +1904,13 @@ def test_fid_main_labels_random_networks_and_honours_no_cache(tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_fid_random_lpips_is_seeded_and_leaves_the_global_generator_alone():
-    state = torch.get_rng_state()
-    a, b = fid.seeded_random_lpips(), fid.seeded_random_lpips()
-    assert torch.equal(torch.get_rng_state(), state)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        a = fid.seeded_random_lpips()
+        torch.manual_seed(2)
+        state = torch.get_rng_state()
+        b = fid.seeded_random_lpips()
+        assert torch.equal(torch.get_rng_state(), state)
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
 
