@@ -1823,6 +1823,23 @@ def test_fid_cache_of_image_folder_follows_its_files(tmp_path, capsys):
     assert "changed since it was made" in _fid_notes(capsys)[0]
 
 
+def test_fid_damaged_or_older_cache_is_rebuilt(tmp_path, capsys):
+    net = _FidTinyNet()
+    np.savez(tmp_path / "samples.npz", arr_0=_fid_images(10, 32, seed=0))
+    np.savez(tmp_path / "ref.npz", arr_0=_fid_images(10, 32, seed=1))
+    ref, cache = tmp_path / "ref.npz", tmp_path / "ref_adm_fidstats.npz"
+    fresh = fid.evaluate(str(tmp_path / "samples.npz"), str(ref), net, progress=False, cache=False)
+    cache.write_bytes(b"PK\x03\x04 cut short")  # an npz (zip) killed while being written
+    older = {"mu": np.zeros(12), "tag": np.array(fid.stats_tag(net, "adm"))}  # no content key
+    for content, why in [(None, "it is unreadable (BadZipFile)"), (older, "it lacks ['sigma', 'mu_s', 'sigma_s', "
+                                                                        "'pool', 'image_size', 'source']")]:
+        if content is not None:
+            np.savez(cache, **content)
+        assert fid.evaluate(str(tmp_path / "samples.npz"), str(ref), net, progress=False) == fresh
+        assert _fid_notes(capsys) == [f"recomputing the cached reference statistics {cache}: {why}"]
+        assert fid.stale_cache(str(cache), str(ref), fid.stats_tag(net, "adm"), fid.content_digest(str(ref))) == ""
+
+
 def test_fid_no_cache_reads_and_writes_nothing(tmp_path, capsys):
     net = _FidTinyNet()
     np.savez(tmp_path / "samples.npz", arr_0=_fid_images(10, 32, seed=0))
