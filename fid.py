@@ -1,37 +1,49 @@
-"""Evaluation metrics (paper §4, SPEC §5): FID, sFID, IS, precision/recall of samples; rFID, PSNR, SSIM, LPIPS of
+"""Evaluation metrics (paper §4): FID, sFID, IS, precision/recall of samples; rFID, PSNR, SSIM, LPIPS of
 reconstructions. Numbers follow the ADM evaluator (openai/guided-diffusion `evaluations/evaluator.py`) computed with
 pytorch-fid's PyTorch port of the TF "inception-2015-12-05" network.
 
 Inception weights: `pt_inception-2015-12-05-6726825d.pth` (FID_WEIGHTS_URL below), looked up in the folder
-$DINO_SAE_WEIGHTS, or ./weights when that variable is unset; `--inception PATH` overrides both.
+$DINO_SAE_WEIGHTS, or ./weights when that variable is unset; `--inception PATH` overrides both. `--random-inception`
+(and, with --paired, `--random-lpips`) try the script without weights files: plumbing-only numbers.
 
 Usage:
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz            # FID, sFID, IS, precision, recall
     python fid.py recons.npz /data/imagenet/val --paired --json out.json  # + PSNR, SSIM, LPIPS (rFID = FID here)
 
-SAMPLES is an npz with `arr_0` uint8 [N,H,W,3]. REF is an ADM reference batch (its `mu`, `sigma`, `mu_s`, `sigma_s`
-are used as given, its `arr_0` images give the precision/recall features), an image npz, an image folder
-(ADM center crop to the sample size, files in sorted path order), or a statistics file written by this script.
-Statistics computed from images are cached next to REF as `<REF minus .npz>_<preprocess>[_<size>px]_fidstats.npz`.
-In paired mode REF holds the originals in the order of the reconstructions.
+SAMPLES is an npz with `arr_0` uint8 [N,H,W,3], N >= 10. REF is an ADM reference batch (its `mu`, `sigma`, `mu_s`,
+`sigma_s` are used as given, its `arr_0` images give the precision/recall features), an image npz of the samples'
+size, an image folder (ADM center crop to the sample size, files in sorted path order), or a statistics file written
+by this script. In paired mode REF holds the originals in the order of the reconstructions. Inputs are checked from
+their headers before any network is built.
+
+Statistics computed from REF's images are cached next to it as `<REF minus .npz>_<preprocess>[_<size>px]_fidstats.npz`
+and reused only while the Inception weights, the preprocessing and the sha256 of REF's bytes (of a folder: of its
+image files in sorted order) are those they were made from; otherwise they are recomputed. `--no-cache` neither
+reads nor writes the cache.
 """
 import argparse
 import hashlib
 import json
 import os
-from contextlib import contextmanager
+import sys
+import zipfile
+from contextlib import contextmanager, suppress
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from scipy.special import xlogy
 from tqdm import tqdm
 
-from train_utils import IMAGE_EXTENSIONS, center_crop_arr
+import train_utils as tu
+from losses import build_lpips
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_NAME}"
+# Inception-score splits (the ADM evaluator's 5000-image splits of 50k samples) and the k of the precision/recall radii
+IS_SPLITS, PR_K = 10, 3
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The FID Inception: torchvision's Inception3 layout and key names with pytorch-fid's changes (TF semantics).
@@ -191,15 +203,30 @@ def default_inception_path():
 def load_inception(path=None):
     """Frozen eval-mode FID Inception from pytorch-fid's file (with or without BatchNorm `num_batches_tracked`)."""
     path = os.fspath(path or default_inception_path())
+    expected = f"the pytorch-fid Inception state dict {FID_WEIGHTS_NAME} (download {FID_WEIGHTS_URL})"
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"FID Inception weights not found at {path}: download {FID_WEIGHTS_URL}")
+        raise tu.MissingFileError(f"--inception: FID Inception weights not found at {path}: download {FID_WEIGHTS_URL}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # whatever a damaged file raises, torch's text advises weights_only=False: wrong here
+        raise tu.DataError(f"--inception {path} is unreadable ({type(error).__name__}): expected {expected}") from None
     net = FIDInception()
-    missing, unexpected = net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise ValueError(f"{path} is not a FID Inception state dict: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    mismatch = state_dict_mismatch(state, net)
+    if mismatch:
+        raise tu.DataError(f"--inception {path} is not {expected}: {mismatch}")
+    net.load_state_dict(state, strict=False)
     return net.requires_grad_(False).eval()
+
+
+def state_dict_mismatch(state, net):
+    """What keeps `state` from loading into `net` (BatchNorm `num_batches_tracked` aside), or '' if nothing."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return f"it holds a {type(state).__name__}, not a dict of tensors"
+    want = {k: v.shape for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    have = {k: v.shape for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    problems = {"missing": sorted(want.keys() - have.keys()), "unexpected": sorted(have.keys() - want.keys()),
+                "of another shape": sorted(k for k in want.keys() & have.keys() if want[k] != have[k])}
+    return "; ".join(f"{what} {keys[:5]}" for what, keys in problems.items() if keys)
 
 
 @torch.no_grad()
@@ -251,8 +278,9 @@ PREPROCESS = {"adm": preprocess_adm, "pytorch-fid": preprocess_pytorch_fid}
 
 
 def check_images(images, name="images"):
-    if len(images.shape) != 4 or images.shape[-1] != 3 or str(images.dtype) not in ("uint8", "torch.uint8"):
-        raise ValueError(f"{name}: expected uint8 [N,H,W,3], got {images.dtype} {tuple(images.shape)}")
+    if (len(images.shape) != 4 or images.shape[0] == 0 or images.shape[-1] != 3
+            or str(images.dtype) not in ("uint8", "torch.uint8")):
+        raise ValueError(f"{name}: expected uint8 [N,H,W,3] with N > 0, got {images.dtype} {tuple(images.shape)}")
 
 
 @contextmanager
@@ -272,6 +300,8 @@ def inception_features(net, images, batch_size=50, preprocess="adm", progress=Tr
     """uint8 [N,H,W,3] (numpy, tensor or anything sliceable with .shape/.dtype) -> dict of float32 numpy arrays
     `pool` [N,2048], `logits` [N,1008], `spatial` [N,2023]. Runs on the device of `net`."""
     check_images(images)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     if preprocess not in PREPROCESS:
         raise ValueError(f"preprocess must be one of {list(PREPROCESS)}, got {preprocess!r}")
     device = next(net.parameters()).device
@@ -316,7 +346,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
-def inception_score(logits, splits=10):
+def inception_score(logits, splits=IS_SPLITS):
     """exp E_x KL(p(y|x) ‖ p(y)) over `splits` sequential splits, averaged. Written as exp(H(p(y)) − E H(p(y|x))),
     the same number without log(0) for classes a split never predicts."""
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
@@ -343,7 +373,7 @@ def fraction_inside(x, centres, radii, batch_size=1000):
 
 
 @torch.no_grad()
-def precision_recall(ref_feats, sample_feats, k=3):
+def precision_recall(ref_feats, sample_feats, k=PR_K):
     """Improved precision/recall (Kynkäänniemi et al. 2019, k-NN radii as in the ADM evaluator) -> (precision, recall):
     precision = share of samples inside the reference manifold, recall = share of references inside the samples'."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -414,7 +444,11 @@ def paired_metrics(recons, originals, lpips_net, batch_size=50, progress=True):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Images and reference statistics
+# Images and input checks
+
+def image_files(root):
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
+                  if f.lower().endswith(tu.IMAGE_EXTENSIONS))
 
 
 class ImageFolder:
@@ -422,40 +456,117 @@ class ImageFolder:
     like a uint8 [N,size,size,3] array so that large folders never sit in memory at once."""
 
     def __init__(self, root, size):
-        self.paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
-                            if f.lower().endswith(IMAGE_EXTENSIONS))
+        self.paths = image_files(root)
         if not self.paths:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+            raise tu.MissingFileError(f"no images ({', '.join(tu.IMAGE_EXTENSIONS)}) under {root}")
         self.shape, self.dtype = (len(self.paths), size, size, 3), np.dtype(np.uint8)
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
-        from PIL import Image
         if not isinstance(index, slice):
             raise TypeError(f"ImageFolder supports slices only, got {type(index).__name__}")
-        crops = []
-        for path in self.paths[index]:
+        return np.stack([self.read(path) for path in self.paths[index]])
+
+    def read(self, path):
+        try:
             with Image.open(path) as im:
-                crops.append(np.asarray(center_crop_arr(im.convert("RGB"), self.shape[1])))
-        return np.stack(crops)
+                return np.asarray(tu.center_crop_arr(im.convert("RGB"), self.shape[1]))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's decode errors
+            raise tu.DataError(f"{path}: unreadable image ({type(error).__name__}: {error})") from None
+
+
+def npz_keys(path):
+    """Names of the arrays in an npz file, read from its zip directory without loading any array."""
+    if os.path.isdir(path):
+        raise tu.DataError(f"{path} is a folder, not an npz file")
+    if not os.path.isfile(path):
+        raise tu.MissingFileError(f"no such file: {path}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return [name[:-len(".npy")] for name in archive.namelist() if name.endswith(".npy")]
+    except zipfile.BadZipFile:
+        raise tu.DataError(f"{path} is not an npz file (an np.savez archive)") from None
+
+
+def npz_header(path, key):
+    """(shape, dtype) of the array `key` of an npz file, read from its .npy header without loading the array."""
+    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def npz_image_shape(path):
+    """(N, H, W) of the uint8 [N,H,W,3] images `arr_0` of an npz file, checked from its header."""
+    keys = npz_keys(path)
+    if "arr_0" not in keys:
+        raise tu.DataError(f"{path} has no images (key arr_0) and is not a statistics file of fid.py; "
+                           f"its keys are {keys}")
+    shape, dtype = npz_header(path, "arr_0")
+    if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8:
+        raise tu.DataError(f"{path}: arr_0 should hold uint8 [N,H,W,3] images, it is {dtype} {list(shape)}")
+    if shape[0] == 0:
+        raise tu.DataError(f"{path} holds no images: arr_0 has shape {list(shape)}")
+    return shape[:3]
 
 
 def load_images(path, size=None):
-    """`arr_0` of an npz file, or an image folder center-cropped to `size`."""
+    """`arr_0` of an npz file, or an image folder center-cropped to `size` (read lazily)."""
     if os.path.isdir(path):
         if size is None:
             raise ValueError(f"{path} is a folder: an image size is needed to crop it")
         return ImageFolder(path, size)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such npz file or image folder: {path}")
+    npz_image_shape(path)
     with np.load(path) as data:
-        if "arr_0" not in data.files:
-            raise ValueError(f"{path} has no images (key arr_0); its keys are {data.files}")
-        images = data["arr_0"]
-    check_images(images, path)
-    return images
+        return data["arr_0"]
+
+
+def reference_shape(ref, size):
+    """(N, H, W) of the reference images (a folder's are cropped to `size`), from headers and file listings."""
+    if os.path.isdir(ref):
+        return len(ImageFolder(ref, size)), size, size
+    if is_stats_file(ref):
+        check_stats_file(ref)
+        with np.load(ref) as data:
+            return (npz_header(ref, "pool")[0][0], *data["image_size"].tolist())
+    return npz_image_shape(ref)
+
+
+def check_inputs(samples, ref, paired=False, allow_size_mismatch=False):
+    """Refuse inputs that would fail after the long Inception pass or give a meaningless number, reading only array
+    headers and file listings -> the samples' height (the crop size of a folder REF)."""
+    n, h, w = npz_image_shape(samples)
+    if n < IS_SPLITS:
+        raise tu.DataError(f"{samples} holds {n} images: the Inception score needs at least {IS_SPLITS} "
+                           "(one per split)")
+    if os.path.isdir(ref) and h != w:
+        raise tu.DataError(f"{samples} holds {h}x{w} images: a folder REF is center-cropped to the samples' size, "
+                           "which must be square")
+    if paired and is_stats_file(ref):
+        raise tu.DataError(f"--paired needs the original images, but {ref} is a statistics file")
+    m, rh, rw = reference_shape(ref, h)
+    if paired and (m, rh, rw) != (n, h, w):
+        raise tu.DataError(f"--paired: {samples} holds {n} images of {h}x{w} but {ref} holds {m} of {rh}x{rw}; "
+                           "image i of REF must be the original of reconstruction i")
+    if (rh, rw) != (h, w) and not allow_size_mismatch:
+        raise tu.DataError(f"{samples} holds {h}x{w} images but {ref} {rh}x{rw}: a FID between images of different "
+                           "sizes is not meaningful (--allow-size-mismatch computes it anyway)")
+    if m <= PR_K:
+        raise tu.DataError(f"precision/recall need more than k={PR_K} reference images; {ref} holds {m}")
+    return h
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reference statistics and their cache
+
+STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "pool", "image_size", "tag")
+
+
+def note(message):
+    print(f"fid.py: {message}", file=sys.stderr, flush=True)
 
 
 def stats_tag(net, preprocess):
@@ -467,63 +578,137 @@ def stats_tag(net, preprocess):
     return f"{preprocess}:{h.hexdigest()[:16]}"
 
 
+def is_stats_file(path):
+    return os.path.isfile(path) and "tag" in npz_keys(path)
+
+
+def check_stats_file(path):
+    missing = [k for k in STATS_KEYS if k not in npz_keys(path)]
+    if missing:
+        raise tu.DataError(f"{path} is not a complete statistics file of this fid.py (it lacks {missing}): "
+                           "pass the reference images instead")
+
+
+def read_stats(path):
+    check_stats_file(path)
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
 def stats_cache_path(ref, size, preprocess):
     if os.path.isdir(ref):
         return f"{ref.rstrip(os.sep)}_{preprocess}_{size}px_fidstats.npz"
     return f"{os.path.splitext(ref)[0]}_{preprocess}_fidstats.npz"
 
 
-def reference_stats(ref, net, size=None, preprocess="adm", batch_size=50, progress=True):
-    """dict mu, sigma (pool3), mu_s, sigma_s (spatial), pool (features for precision/recall) of a reference set.
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.digest()
 
-    ADM reference batches keep their own mu/sigma/mu_s/sigma_s (computed by ADM over the whole training set; only
-    their `arr_0` images go through our Inception). Results are cached (see the module docstring).
-    """
-    tag = stats_tag(net, preprocess)
-    if os.path.isfile(ref):
-        with np.load(ref) as data:
-            if "tag" in data.files:  # a statistics file written by this function
-                if str(data["tag"]) != tag:
-                    raise ValueError(f"{ref} was computed with another Inception or preprocessing "
-                                     f"({data['tag']} != {tag})")
-                return {k: data[k] for k in data.files}
-    cache = stats_cache_path(ref, size, preprocess)
-    if os.path.isfile(cache):
-        with np.load(cache) as data:
-            if str(data["tag"]) == tag:
-                return {k: data[k] for k in data.files}
-        print(f"recomputing {cache}: it was made with another Inception or preprocessing")
-    feats = inception_features(net, load_images(ref, size), batch_size, preprocess, progress)
+
+def content_digest(ref):
+    """sha256 over the bytes REF's statistics come from: the npz file, or the image files of a folder in the order
+    they are read."""
+    digest = hashlib.sha256()
+    for path in image_files(ref) if os.path.isdir(ref) else [ref]:
+        digest.update(file_sha256(path))
+    return digest.hexdigest()
+
+
+def stale_cache(path, ref, tag, source):
+    """Why the statistics cached in `path` do not stand for REF as it is now, or '' when they do."""
+    try:
+        with np.load(path) as data:
+            missing = [k for k in (*STATS_KEYS, "source") if k not in data.files]
+            if missing:
+                return f"it lacks {missing}"
+            if str(data["tag"]) != tag:
+                return "it was made with another Inception or preprocessing"
+            if str(data["source"]) != source:
+                return f"{ref} changed since it was made"
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # a damaged cache is simply rebuilt
+        return f"it is unreadable ({type(error).__name__})"
+    return ""
+
+
+def write_stats(path, stats):
+    """Write through a temporary file, so that a killed run leaves no half-written cache behind; a folder without
+    write access costs the cache, not the results."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **stats)
+        os.replace(tmp, path)
+    except OSError as error:
+        note(f"could not write the cache {path} ({type(error).__name__}: {error.strerror}); continuing without it")
+        with suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def compute_reference_stats(ref, net, size, preprocess, batch_size, progress, tag):
+    images = load_images(ref, size)
+    feats = inception_features(net, images, batch_size, preprocess, progress)
     stats = dict(zip(("mu", "sigma"), feature_stats(feats["pool"])))
     stats.update(zip(("mu_s", "sigma_s"), feature_stats(feats["spatial"])))
-    if os.path.isfile(ref):
+    if not os.path.isdir(ref):
         with np.load(ref) as data:
             stats.update({k: data[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in data.files})
-    stats.update(pool=feats["pool"], tag=np.array(tag))
-    np.savez(cache, **stats)
+    stats.update(pool=feats["pool"], image_size=np.array(images.shape[1:3]), tag=np.array(tag))
+    return stats
+
+
+def reference_stats(ref, net, size=None, preprocess="adm", batch_size=50, progress=True, cache=True):
+    """dict mu, sigma (pool3), mu_s, sigma_s (spatial), pool (features for precision/recall), image_size, tag of a
+    reference set.
+
+    ADM reference batches keep their own mu/sigma/mu_s/sigma_s (computed by ADM over the whole training set; only
+    their `arr_0` images go through our Inception). With `cache`, statistics computed from images are kept next to
+    REF (stats_cache_path) and reused only while REF's bytes, the network and the preprocessing are unchanged.
+    """
+    tag = stats_tag(net, preprocess)
+    if is_stats_file(ref):
+        stats = read_stats(ref)
+        if str(stats["tag"]) != tag:
+            raise tu.DataError(f"{ref} was computed with another Inception or preprocessing "
+                               f"({stats['tag']} != {tag})")
+        return stats
+    if not cache:
+        return compute_reference_stats(ref, net, size, preprocess, batch_size, progress, tag)
+    path, source = stats_cache_path(ref, size, preprocess), content_digest(ref)
+    why = stale_cache(path, ref, tag, source) if os.path.isfile(path) else None
+    if why == "":
+        note(f"using the cached reference statistics {path} ({ref} is unchanged)")
+        return read_stats(path)
+    note(f"caching the reference statistics of {ref} in {path}" if why is None else
+         f"recomputing the cached reference statistics {path}: {why}")
+    stats = compute_reference_stats(ref, net, size, preprocess, batch_size, progress, tag)
+    write_stats(path, {**stats, "source": np.array(source)})
     return stats
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Evaluation
 
+PLUMBING_ONLY = "plumbing-only numbers, not comparable to published FIDs"
 
-def evaluate(samples, ref, net, preprocess="adm", batch_size=50, paired=False, lpips_net=None, progress=True):
+
+def evaluate(samples, ref, net, preprocess="adm", batch_size=50, paired=False, lpips_net=None, progress=True,
+             allow_size_mismatch=False, cache=True):
     """All metrics of `samples` (npz path) against `ref` (see the module docstring) -> dict of floats.
 
     Paired mode adds PSNR, SSIM and LPIPS against the images of `ref`; `lpips_net` defaults to losses.build_lpips().
+    `allow_size_mismatch` and `cache` are the flags --allow-size-mismatch and not --no-cache.
     """
+    size = check_inputs(samples, ref, paired, allow_size_mismatch)
+    if paired and lpips_net is None:
+        lpips_net = build_lpips(pretrained=True).to(next(net.parameters()).device)
+    # The reference first: a statistics file of another Inception fails before the samples' pass.
+    ref_stats = reference_stats(ref, net, size, preprocess, batch_size, progress, cache)
     images = load_images(samples)
-    size = images.shape[1]
-    if os.path.isdir(ref) and images.shape[1] != images.shape[2]:
-        raise ValueError(f"samples are {images.shape[1]}x{images.shape[2]}: folder references need square samples")
-    if paired:  # fail before the long feature pass
-        originals = load_images(ref, size)
-        if lpips_net is None:
-            from losses import build_lpips
-            lpips_net = build_lpips(pretrained=True).to(next(net.parameters()).device)
     feats = inception_features(net, images, batch_size, preprocess, progress)
-    ref_stats = reference_stats(ref, net, size, preprocess, batch_size, progress)
     precision, recall = precision_recall(ref_stats["pool"], feats["pool"])
     results = {
         "fid": frechet_distance(*feature_stats(feats["pool"]), ref_stats["mu"], ref_stats["sigma"]),
@@ -534,30 +719,80 @@ def evaluate(samples, ref, net, preprocess="adm", batch_size=50, paired=False, l
         "num_samples": len(images),
     }
     if paired:
-        results.update(paired_metrics(images, originals, lpips_net, batch_size, progress))
+        results.update(paired_metrics(images, load_images(ref, size), lpips_net, batch_size, progress))
     return results
 
 
-def main(args):
-    net = load_inception(args.inception).to("cuda" if torch.cuda.is_available() else "cpu")
-    results = evaluate(args.samples, args.ref, net, args.preprocess, args.batch_size, args.paired)
+def seeded_random_lpips(seed=0):
+    """LPIPS with a random VGG trunk drawn from `seed`, leaving the global generator as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_lpips(pretrained=False)
+
+
+def random_networks_note(args):
+    parts = [name for name, on in (("Inception", args.random_inception), ("LPIPS VGG trunk", args.random_lpips)) if on]
+    return f"seeded random {' and '.join(parts)}: {PLUMBING_ONLY}" if parts else None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_inputs(args.samples, args.ref, args.paired, args.allow_size_mismatch)  # before any network is built
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net = (random_inception(seed=0) if args.random_inception else load_inception(args.inception)).to(device)
+    lpips_net = None
+    if args.paired:
+        lpips_net = (seeded_random_lpips() if args.random_lpips else build_lpips(pretrained=True)).to(device)
+    results = evaluate(args.samples, args.ref, net, args.preprocess, args.batch_size, args.paired, lpips_net,
+                       allow_size_mismatch=args.allow_size_mismatch, cache=not args.no_cache)
+    note_text = random_networks_note(args)
+    if note_text:
+        results = {"note": note_text, **results}
     for k, v in results.items():
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+    return results
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def parse_args(argv=None):
+    p = tu.ArgumentParser(description="FID, sFID, IS, precision/recall (+ PSNR, SSIM, LPIPS with --paired)")
+    p.add_argument("samples", help="npz with arr_0 uint8 [N,H,W,3] (samples or reconstructions), N >= 10")
+    p.add_argument("ref", help="ADM reference npz, image npz, image folder, or a *_fidstats.npz file")
+    p.add_argument("--inception", default=None, help=f"path of {FID_WEIGHTS_NAME} "
+                                                     f"(default: $DINO_SAE_WEIGHTS or ./weights)")
+    p.add_argument("--random-inception", action="store_true",
+                   help=f"a seeded random Inception instead of the weights (no file needed): {PLUMBING_ONLY}")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--paired", action="store_true", help="REF holds the originals of the reconstructions, "
+                                                         "in the same order: add PSNR, SSIM, LPIPS")
+    p.add_argument("--random-lpips", action="store_true",
+                   help=f"with --paired: LPIPS with a seeded random VGG trunk (no VGG16 file needed): {PLUMBING_ONLY}")
+    p.add_argument("--allow-size-mismatch", action="store_true",
+                   help="compute the metrics although the images of an npz REF have another size than the samples")
+    p.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write the cached statistics of REF (see the module docstring)")
+    p.add_argument("--preprocess", choices=list(PREPROCESS), default="adm",
+                   help="adm: TF1 bilinear resize, (x-128)/128 (default); pytorch-fid: its conventions")
+    p.add_argument("--batch-size", type=positive_int, default=50)
+    args = p.parse_args(argv)
+    if args.random_inception and args.inception:
+        p.error("--inception and --random-inception exclude each other")
+    if args.random_lpips and not args.paired:
+        p.error("--random-lpips applies to --paired only (LPIPS is a paired metric)")
+    if args.allow_size_mismatch and args.paired:
+        p.error("--allow-size-mismatch does not apply to --paired: paired metrics compare images pixel by pixel")
+    return args
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="FID, sFID, IS, precision/recall (+ PSNR, SSIM, LPIPS with --paired)")
-    parser.add_argument("samples", help="npz with arr_0 uint8 [N,H,W,3] (samples or reconstructions)")
-    parser.add_argument("ref", help="ADM reference npz, image npz, image folder, or a *_fidstats.npz file")
-    parser.add_argument("--inception", default=None, help=f"path of {FID_WEIGHTS_NAME} "
-                                                          f"(default: $DINO_SAE_WEIGHTS or ./weights)")
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    parser.add_argument("--paired", action="store_true", help="REF holds the originals of the reconstructions, "
-                                                              "in the same order: add PSNR, SSIM, LPIPS")
-    parser.add_argument("--preprocess", choices=list(PREPROCESS), default="adm",
-                        help="adm: TF1 bilinear resize, (x-128)/128 (default); pytorch-fid: its conventions")
-    parser.add_argument("--batch-size", type=int, default=50)
-    main(parser.parse_args())
+    tu.cli(main)

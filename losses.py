@@ -1,4 +1,4 @@
-"""Losses of the DINO-SAE autoencoder (paper §3.2-3.3, SPEC §2.3).
+"""Losses of the DINO-SAE autoencoder (paper §3.2-3.3).
 
   L_align  Eq. 6: 1 - cos(z_S, z_T), averaged over patch tokens (stage 1-2)
   L_rec    L1 + LPIPS(VGG) on [-1, 1] pixels
@@ -13,6 +13,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models import VGG16_Weights
+
+import train_utils as tu
 
 
 def alignment_loss(z_s, z_t):
@@ -37,6 +39,41 @@ def vgg16_cache_path():
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(VGG16_URL))
 
 
+def vgg16_weights_error(problem):
+    path, name = vgg16_cache_path(), os.path.basename(VGG16_URL)
+    return tu.DataError(f"LPIPS VGG16 weights {path} (torch hub cache) {problem}: expected torchvision's ImageNet "
+                        f"VGG16 state dict {name}; delete the file and download {VGG16_URL}")
+
+
+def read_vgg16_weights():
+    """torchvision's ImageNet VGG16 state dict from the torch hub cache, read here rather than by torchvision, which
+    would try to download a missing file (an opaque URL error on offline nodes) and let a damaged one fail with a
+    long torch.load message."""
+    path = vgg16_cache_path()
+    if not os.path.isfile(path):
+        raise tu.MissingFileError(f"LPIPS needs torchvision's VGG16 weights {os.path.basename(VGG16_URL)}: put the "
+                                  f"file in {os.path.dirname(path)} (download it from {VGG16_URL})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # whatever a damaged file raises, torch's text advises weights_only=False: wrong here
+        raise vgg16_weights_error(f"is unreadable ({type(error).__name__})") from None
+    if not isinstance(state, dict):
+        raise vgg16_weights_error(f"holds a {type(state).__name__}")
+    return state
+
+
+def load_vgg16_features(trunk, state):
+    """Copy `vgg16.features` into lpips's VGG trunk, whose slices keep the layer indices (features.i.weight ->
+    sliceK.i.weight)."""
+    own = trunk.state_dict()
+    source = {k: "features." + k.split(".", 1)[1] for k in own}
+    bad = [source[k] for k in own
+           if not isinstance(state.get(source[k]), torch.Tensor) or state[source[k]].shape != own[k].shape]
+    if bad:
+        raise vgg16_weights_error(f"lacks {bad[:3]} or has them in another shape")
+    trunk.load_state_dict({k: state[source[k]] for k in own})
+
+
 class LPIPS(nn.Module):
     """Frozen LPIPS(VGG): images in [-1, 1], [B, 3, H, W] each → per-sample distance [B].
 
@@ -45,17 +82,14 @@ class LPIPS(nn.Module):
 
     def __init__(self, pretrained=True):
         super().__init__()
-        if pretrained and not os.path.isfile(vgg16_cache_path()):
-            # Without this check torchvision would try to download the file, which fails with an opaque URL error
-            # on offline nodes.
-            raise FileNotFoundError(
-                f"LPIPS needs torchvision's VGG16 weights {os.path.basename(VGG16_URL)}: put the file in "
-                f"{os.path.dirname(vgg16_cache_path())} (download it from {VGG16_URL})")
+        vgg = read_vgg16_weights() if pretrained else None  # before the seconds spent building the network
         with warnings.catch_warnings():
             # lpips builds torchvision's vgg16 through the deprecated `pretrained=` argument.
             warnings.filterwarnings("ignore", message=".*(pretrained|weights).*", category=UserWarning)
             # The linear heads (lin0..lin4) are loaded from the weights shipped inside the lpips package.
-            self.net = lpips.LPIPS(net="vgg", pnet_rand=not pretrained, verbose=False)
+            self.net = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+        if pretrained:
+            load_vgg16_features(self.net.net, vgg)
         self.requires_grad_(False)
         self.eval()
 

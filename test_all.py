@@ -836,6 +836,7 @@ def test_adaptive_weight_equals_gradient_norm_ratio():
     assert lam.item() == 1e4
 
 
+@pytest.mark.slow
 def test_lpips_random_backbone():
     net = build_lpips(pretrained=False)
     assert not net.training and all(not p.requires_grad for p in net.parameters())
@@ -853,19 +854,66 @@ def test_lpips_random_backbone():
         net(x, x[:, :, :16])
 
 
-def test_lpips_missing_vgg_names_file_and_folder(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-
+def _lpips_forbid_download_and_network(monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("a download was attempted")
 
+    def built(*args, **kwargs):
+        raise AssertionError("the network was built before its weights file was read")
+
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
-    with pytest.raises(FileNotFoundError) as info:
+    monkeypatch.setattr(losses.lpips, "LPIPS", built)
+
+
+def test_lpips_missing_vgg_names_file_and_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    _lpips_forbid_download_and_network(monkeypatch)
+    with pytest.raises(tu.MissingFileError) as info:
         build_lpips(pretrained=True)
     message = str(info.value)
-    assert "vgg16-397923af.pth" in message
+    assert "vgg16-397923af.pth" in message and "\n" not in message
     assert os.path.join(str(tmp_path), "hub", "checkpoints") in message
     assert losses.VGG16_URL in message and losses.VGG16_URL.startswith("https://download.pytorch.org/")
+
+
+def test_lpips_unreadable_vgg_file_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    _lpips_forbid_download_and_network(monkeypatch)
+    path = losses.vgg16_cache_path()
+    os.makedirs(os.path.dirname(path))
+    torch.save({"features.0.weight": torch.zeros(1000)}, path)
+    truncated = open(path, "rb").read()[:300]
+    for data, detail in [(os.urandom(4096), "unreadable"), (b"", "unreadable"), (truncated, "unreadable"), (None, "list")]:
+        if data is None:
+            torch.save([1, 2], path)
+        else:
+            with open(path, "wb") as f:
+                f.write(data)
+        with pytest.raises(tu.DataError) as info:
+            build_lpips(pretrained=True)
+        message = str(info.value)
+        assert message.startswith(f"LPIPS VGG16 weights {path} (torch hub cache)") and detail in message, message
+        assert "vgg16-397923af.pth" in message and losses.VGG16_URL in message, message
+        assert "\n" not in message and "weights_only" not in message, message
+
+
+@pytest.mark.slow
+def test_lpips_pretrained_trunk_is_torchvision_vgg16_features(tmp_path, monkeypatch):
+    from torchvision.models import vgg
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(0)
+    features = vgg.make_layers(vgg.cfgs["D"]).eval()  # torchvision's vgg16().features
+    state = {f"features.{k}": v for k, v in features.state_dict().items()}
+    os.makedirs(os.path.dirname(losses.vgg16_cache_path()))
+    torch.save({**state, "classifier.6.bias": torch.zeros(1000)}, losses.vgg16_cache_path())  # LPIPS ignores the head
+    trunk = build_lpips(pretrained=True).net.net
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        taps = trunk(x)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+        for tap, end in zip(taps, (4, 9, 16, 23, 30)):
+            torch.testing.assert_close(tap, features[:end](x), rtol=0, atol=0)
+    with pytest.raises(tu.DataError, match=r"lacks \['features.28.weight'\] or has them in another shape"):
+        losses.load_vgg16_features(trunk, {**state, "features.28.weight": torch.zeros(3)})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1547,9 +1595,37 @@ def test_rfm_toy_study_smoke():
     assert len(off_sphere) == 1 and off_sphere[0] > 0
 
 
-@functools.lru_cache(maxsize=None)
-def _fid_net():
+@pytest.fixture(scope="session")
+def fid_random_inception():
     return fid.random_inception(seed=0)
+
+
+class _FidTinyNet(nn.Module):
+    """Stand-in for the Inception with its interface (pool, spatial, logits of a [B,3,299,299] batch) and a dozen
+    features, so that tests of the evaluation plumbing run in milliseconds."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.mix, self.fc = nn.Linear(12, 12, bias=False), nn.Linear(12, 10, bias=False)
+        with torch.no_grad():
+            for layer in (self.mix, self.fc):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=g))
+
+    def forward(self, x):
+        pool = self.mix(F.adaptive_avg_pool2d(x, 2).flatten(1))
+        return pool, pool[:, :5], self.fc(pool)
+
+
+class _FidTinyLpips(nn.Module):
+    """Stand-in for LPIPS: mean absolute difference of the [-1, 1] images, known by hand for a constant shift."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))  # tells paired_metrics the device
+
+    def forward(self, a, b):
+        return (a - b).abs().mean((1, 2, 3))
 
 
 def _fid_images(n=10, size=64, seed=0):
@@ -1561,9 +1637,17 @@ def _fid_images(n=10, size=64, seed=0):
     return noisy.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-@functools.lru_cache(maxsize=None)
-def _fid_features():
-    return fid.inception_features(_fid_net(), _fid_images(), batch_size=5, progress=False)
+def _fid_notes(capsys):
+    """The one-line messages fid.py printed on stderr since the last call."""
+    return [line[len("fid.py: "):] for line in capsys.readouterr().err.splitlines() if line.startswith("fid.py: ")]
+
+
+def _fid_forbid_networks(monkeypatch):
+    def built(*args, **kwargs):
+        raise AssertionError("a network was built before the inputs were checked")
+
+    monkeypatch.setattr(fid.FIDInception, "__init__", built)
+    monkeypatch.setattr(losses.LPIPS, "__init__", built)
 
 
 def _fid_tf1_resize_loop(img, out_h, out_w):
@@ -1587,6 +1671,44 @@ def _fid_tf1_resize_loop(img, out_h, out_w):
 def _fid_random_cov(d, n, rng):
     a = rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) / math.sqrt(d)
     return np.cov(a, rowvar=False)
+
+
+def _fid_inception_score_loops(logits, splits):
+    """exp of the mean KL(p(y|x) ‖ p(y)) per split, averaged over splits, with explicit loops; the first N % splits
+    splits hold one image more (numpy's array_split)."""
+    scores, start = [], 0
+    for s in range(splits):
+        size = len(logits) // splits + (1 if s < len(logits) % splits else 0)
+        probs = []
+        for row in logits[start:start + size]:
+            e = [math.exp(v - max(row)) for v in row]
+            probs.append([v / sum(e) for v in e])
+        start += size
+        marginal = [sum(p[c] for p in probs) / size for c in range(len(probs[0]))]
+        kl = [sum(p[c] * math.log(p[c] / marginal[c]) for c in range(len(p)) if p[c] > 0) for p in probs]
+        scores.append(math.exp(sum(kl) / size))
+    return sum(scores) / splits
+
+
+def _fid_ssim_loops(a, b):
+    """SSIM (Wang et al. 2004) window by window: 11x11 Gaussian weights of σ 1.5, statistics as weighted moments
+    about the window means, valid positions only, mean over positions and channels, per image."""
+    g = np.exp(-(np.arange(11) - 5) ** 2 / (2 * 1.5 ** 2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    per_image = []
+    for x, y in zip(a.astype(np.float64), b.astype(np.float64)):
+        values = []
+        for c in range(3):
+            for i in range(x.shape[0] - 10):
+                for j in range(x.shape[1] - 10):
+                    px, py = x[i:i + 11, j:j + 11, c], y[i:i + 11, j:j + 11, c]
+                    mx, my = (w * px).sum(), (w * py).sum()
+                    dx, dy = px - mx, py - my
+                    vx, vy, cov = (w * dx * dx).sum(), (w * dy * dy).sum(), (w * dx * dy).sum()
+                    values.append((2 * mx * my + c1) * (2 * cov + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
+        per_image.append(np.mean(values))
+    return np.array(per_image)
 
 
 def test_fid_state_dict_keys_match_torchvision_inception3():
@@ -1630,8 +1752,9 @@ def test_fid_blocks_match_torchvision_except_pooling():
             assert not torch.allclose(a[:, keep:, 1:-1, 1:-1], b[:, keep:, 1:-1, 1:-1], atol=1e-5)
 
 
-def test_fid_load_inception_with_and_without_num_batches_tracked(tmp_path):
-    state = _fid_net().state_dict()
+@pytest.mark.slow
+def test_fid_load_inception_with_and_without_num_batches_tracked(tmp_path, fid_random_inception):
+    state = fid_random_inception.state_dict()
     assert any(k.endswith("num_batches_tracked") for k in state)
     stripped = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     for name, sd in (("with.pth", state), ("without.pth", stripped)):
@@ -1640,17 +1763,34 @@ def test_fid_load_inception_with_and_without_num_batches_tracked(tmp_path):
         assert not net.training and not any(p.requires_grad for p in net.parameters())
         for k, v in stripped.items():
             assert torch.equal(net.state_dict()[k], v), k
-    torch.save({**stripped, "AuxLogits.fc.weight": torch.zeros(1)}, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match="AuxLogits"):
-        fid.load_inception(tmp_path / "bad.pth")
+
+
+def test_fid_unreadable_or_wrong_inception_file_is_one_line(tmp_path):
+    torch.save({"x": torch.zeros(1000)}, tmp_path / "small.pth")
+    files = {"random.pth": os.urandom(4096), "empty.pth": b"", "text.pth": b"hello world\n",
+             "truncated.pth": (tmp_path / "small.pth").read_bytes()[:300]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save([1, 2], tmp_path / "list.pth")
+    torch.save({"AuxLogits.fc.weight": torch.zeros(1)}, tmp_path / "aux.pth")
+    torch.save({"fc.weight": torch.zeros(1000, 2048)}, tmp_path / "imagenet1000.pth")  # torchvision's 1000 classes
+    for name, detail in [("random.pth", "unreadable"), ("empty.pth", "unreadable"), ("text.pth", "unreadable"),
+                         ("truncated.pth", "unreadable"), ("list.pth", "holds a list"),
+                         ("aux.pth", "unexpected ['AuxLogits.fc.weight']"),
+                         ("imagenet1000.pth", "of another shape ['fc.weight']")]:
+        with pytest.raises(tu.DataError) as info:
+            fid.load_inception(tmp_path / name)
+        message = str(info.value)
+        assert message.startswith(f"--inception {tmp_path / name}") and detail in message, message
+        assert fid.FID_WEIGHTS_NAME in message and "\n" not in message and "weights_only" not in message, message
 
 
 def test_fid_missing_inception_names_file_and_url(tmp_path):
     path = tmp_path / "nowhere" / fid.FID_WEIGHTS_NAME
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(tu.MissingFileError) as err:
         fid.load_inception(path)
     msg = str(err.value)
-    assert str(path) in msg and "\n" not in msg
+    assert str(path) in msg and "--inception" in msg and "\n" not in msg
     assert "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + fid.FID_WEIGHTS_NAME in msg
 
 
@@ -1661,29 +1801,34 @@ def test_fid_default_inception_path_uses_env(monkeypatch):
     assert fid.default_inception_path() == os.path.join("weights", fid.FID_WEIGHTS_NAME)
 
 
-def test_fid_features_shapes_stable_and_batch_size_invariant():
-    feats = _fid_features()
-    assert feats["pool"].shape == (10, 2048) and feats["logits"].shape == (10, 1008)
-    assert feats["spatial"].shape == (10, 2023)
+def test_fid_features_shapes_stable_and_batch_size_invariant(fid_random_inception):
+    net, images = fid_random_inception, _fid_images(4)
+    feats = fid.inception_features(net, images, batch_size=3, progress=False)
+    assert feats["pool"].shape == (4, 2048) and feats["logits"].shape == (4, 1008)
+    assert feats["spatial"].shape == (4, 2023)
     for v in feats.values():
         assert v.dtype == np.float32 and np.isfinite(v).all()
     # Stable regime: activations neither vanish nor explode, and differ between images.
     assert 0.05 < feats["pool"].mean() < 5 and feats["pool"].std(0).mean() > 1e-3
     assert (feats["pool"] >= 0).all() and (feats["spatial"] >= 0).all()  # post-ReLU features
-    np.testing.assert_allclose(feats["logits"], feats["pool"] @ _fid_net().fc.weight.numpy().T, rtol=1e-4, atol=1e-4)
-    images = _fid_images()[:3]
-    again = fid.inception_features(_fid_net(), torch.from_numpy(images), batch_size=2, progress=False)
-    for k in feats:
-        np.testing.assert_allclose(again[k], feats[k][:3], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(feats["logits"], feats["pool"] @ net.fc.weight.numpy().T, rtol=1e-4, atol=1e-4)
+    again = fid.inception_features(net, torch.from_numpy(images[2:4]), batch_size=2, progress=False)
+    for k in feats:  # images 2 and 3 went through in different batches the first time
+        np.testing.assert_allclose(again[k], feats[k][2:4], rtol=1e-4, atol=1e-5)
 
 
 def test_fid_features_reject_bad_input():
+    net = _FidTinyNet()
     with pytest.raises(ValueError, match="uint8"):
-        fid.inception_features(_fid_net(), np.zeros((2, 32, 32, 3), np.float32))
+        fid.inception_features(net, np.zeros((2, 32, 32, 3), np.float32))
     with pytest.raises(ValueError, match="uint8"):
-        fid.inception_features(_fid_net(), np.zeros((2, 3, 32, 32), np.uint8))
+        fid.inception_features(net, np.zeros((2, 3, 32, 32), np.uint8))
+    with pytest.raises(ValueError, match="N > 0"):
+        fid.inception_features(net, np.zeros((0, 32, 32, 3), np.uint8))
     with pytest.raises(ValueError, match="preprocess"):
-        fid.inception_features(_fid_net(), np.zeros((2, 32, 32, 3), np.uint8), preprocess="tf2")
+        fid.inception_features(net, np.zeros((2, 32, 32, 3), np.uint8), preprocess="tf2")
+    with pytest.raises(ValueError, match="batch_size"):
+        fid.inception_features(net, np.zeros((2, 32, 32, 3), np.uint8), batch_size=0)
 
 
 def test_fid_tf1_resize_matches_legacy_formula():
@@ -1701,7 +1846,7 @@ def test_fid_preprocessing_conventions():
     torch.testing.assert_close(adm, (fid.resize_tf1(x, 299) - 128) / 128)
     assert adm[..., 0, 0].allclose((x[..., 0, 0] - 128) / 128)  # legacy resize samples the top-left pixel exactly
     pt = fid.preprocess_pytorch_fid(x)
-    assert pt.shape == (2, 3, 299, 299) and pt.min() >= -1 and pt.max() <= 1
+    assert pt.shape == (2, 3, 299, 299) and pt.min() >= -1 - 1e-6 and pt.max() <= 1 + 1e-6  # float rounding of 2x - 1
     assert not torch.allclose(pt, adm, atol=1e-3)
     full = torch.tensor(_fid_images(1, 299)).permute(0, 3, 1, 2).float()
     torch.testing.assert_close(fid.preprocess_adm(full), (full - 128) / 128)  # 299 inputs pass through unchanged
@@ -1741,18 +1886,56 @@ def test_fid_inception_score_of_confident_uniform_predictions_is_k():
         fid.inception_score(np.zeros((5, 1008)), splits=10)
 
 
+def test_fid_inception_score_closed_forms():
+    # Half the images predict (a, 1 - a) over two classes, half (1 - a, a): p(y) = (1/2, 1/2) and every image has
+    # KL = log 2 + a log a + (1 - a) log(1 - a), so IS = 2 a^a (1 - a)^(1 - a).
+    a = 0.9
+    logits = np.full((20, 1008), -1e4)
+    logits[:, :2] = np.log([[a, 1 - a], [1 - a, a]] * 10)
+    assert fid.inception_score(logits, splits=10) == pytest.approx(2 * a ** a * (1 - a) ** (1 - a), rel=1e-9)
+    # Splits alternate between two confident classes (IS 2) and one repeated prediction (IS 1): the mean is 1.5.
+    logits = np.full((20, 1008), -1e4)
+    logits[np.arange(20), [0, 1, 2, 2] * 5] = 0
+    assert fid.inception_score(logits, splits=10) == pytest.approx(1.5, rel=1e-9)
+
+
+def test_fid_inception_score_matches_explicit_loops_with_uneven_splits():
+    logits = 3 * np.random.default_rng(0).standard_normal((23, 40))  # splits of 3, 3, 3, 2, ... images
+    assert fid.inception_score(logits, splits=10) == pytest.approx(_fid_inception_score_loops(logits, 10), rel=1e-9)
+
+
 def test_fid_precision_recall_limits():
     rng = np.random.default_rng(0)
     a = rng.standard_normal((60, 32)).astype(np.float32)
     assert fid.precision_recall(a, a, k=3) == (1.0, 1.0)
     assert fid.precision_recall(a, a + 100, k=3) == (0.0, 0.0)
-    # Samples from half of the reference support: precise (all inside) but low recall.
-    ref = rng.uniform(0, 1, (400, 2)).astype(np.float32)
-    smp = rng.uniform(0, 1, (400, 2)).astype(np.float32) * np.float32([0.5, 1]) + np.float32([0.25, 0])
-    precision, recall = fid.precision_recall(ref, smp, k=3)
-    assert precision > 0.95 and 0.4 < recall < 0.75
     with pytest.raises(ValueError, match="k=3"):
         fid.precision_recall(a[:3], a, k=3)
+
+
+def test_fid_precision_recall_on_a_line_by_hand():
+    # Reference 0, 1, ..., 9: 3rd-neighbour radii are 3 at both ends and 2 inside, so its manifold is [-3, 12].
+    # Samples 0.5 .. 3.5 (radii 3, 2, 2, 3: manifold [-2.5, 6.5]) and 30 .. 33: precision 4/8, and the reference
+    # points 0 .. 6 lie in the samples' manifold: recall 7/10. No distance is within 0.5 of a radius.
+    line = np.concatenate([np.arange(10.0), [0.5, 1.5, 2.5, 3.5, 30, 31, 32, 33]])
+    rotation = np.linalg.qr(np.random.default_rng(0).standard_normal((5, 5)))[0]  # distances do not change
+    points = (line[:, None] * rotation[0]).astype(np.float32)
+    assert fid.precision_recall(points[:10], points[10:], k=3) == pytest.approx((0.5, 0.7), abs=1e-12)
+
+
+def test_fid_precision_recall_exact_coverage_of_a_grid():
+    # An 11x11 grid of spacing h over the unit square: every 3rd-neighbour radius is >= h, and every point of the
+    # square is within h/sqrt(2) of a grid point, so the grid's manifold holds the square and nothing 9 away.
+    # Against points drawn from the square and from a copy 10 to the right, recall (grid as samples) and precision
+    # (grid as reference) are exactly the share of points in the square.
+    grid = np.stack(np.meshgrid(np.linspace(0, 1, 11), np.linspace(0, 1, 11)), -1).reshape(-1, 2).astype(np.float32)
+    rng = np.random.default_rng(0)
+    points = rng.uniform(0, 1, (400, 2)) + np.where(rng.uniform(size=(400, 1)) < 0.5, [[0, 0]], [[10, 0]])
+    points = points.astype(np.float32)
+    share = (points[:, 0] < 5).mean()
+    assert 0.3 < share < 0.7  # both parts of the set are there
+    assert fid.precision_recall(points, grid)[1] == pytest.approx(share, abs=1e-12)
+    assert fid.precision_recall(grid, points)[0] == pytest.approx(share, abs=1e-12)
 
 
 def test_fid_psnr_ssim_identical_and_closed_forms():
@@ -1773,8 +1956,12 @@ def test_fid_psnr_ssim_identical_and_closed_forms():
         fid.psnr(x, x[:2])
 
 
+def test_fid_ssim_matches_window_by_window_loops():
+    x, y = _fid_images(2, 15, seed=0), _fid_images(2, 15, seed=1)
+    np.testing.assert_allclose(fid.ssim(x, y).numpy(), _fid_ssim_loops(x, y), rtol=1e-10)
+
+
 def test_fid_center_crop_and_image_folder(tmp_path):
-    from PIL import Image
     ramp = np.tile(np.linspace(0, 255, 300)[None, :, None], (200, 1, 3)).astype(np.uint8)
     crop = np.asarray(center_crop_arr(Image.fromarray(ramp), 64))
     assert crop.shape == (64, 64, 3) and crop.dtype == np.uint8
@@ -1785,76 +1972,211 @@ def test_fid_center_crop_and_image_folder(tmp_path):
     folder = fid.load_images(str(tmp_path), 40)
     assert len(folder) == 3 and folder.shape == (3, 40, 40, 3)
     np.testing.assert_array_equal(folder[0:3], images[::-1])  # sorted paths; same-size images are not resampled
+    (tmp_path / "3.png").write_bytes(b"not a png")
+    with pytest.raises(tu.DataError, match="3.png"):
+        fid.load_images(str(tmp_path), 40)[0:4]
     with pytest.raises(ValueError, match="size"):
         fid.load_images(str(tmp_path))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(tu.MissingFileError, match="missing.npz"):
         fid.load_images(str(tmp_path / "missing.npz"))
 
 
 def test_fid_paired_metrics_against_image_folder(tmp_path):
-    import lpips
-    from PIL import Image
-    images = _fid_images()
+    images = np.minimum(_fid_images(10, 16), 245)  # room for +10 without clipping
     (tmp_path / "val" / "cls").mkdir(parents=True)
     for i, im in enumerate(images):
         Image.fromarray(im).save(tmp_path / "val" / "cls" / f"{i:03d}.png")
-    originals = fid.load_images(str(tmp_path / "val"), 64)
-    lpips_net = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)
-    same = fid.paired_metrics(images, originals, lpips_net, batch_size=4, progress=False)
-    assert math.isinf(same["psnr"]) and same["ssim"] == pytest.approx(1.0, abs=1e-12)
-    assert same["lpips"] == pytest.approx(0, abs=1e-6)
-    shifted = (images.astype(np.int16) + 10).clip(0, 255).astype(np.uint8)
-    other = fid.paired_metrics(shifted, originals, lpips_net, batch_size=4, progress=False)
-    assert other["psnr"] == pytest.approx(fid.psnr(shifted, images).mean().item())
-    assert other["ssim"] == pytest.approx(fid.ssim(shifted, images).mean().item())
-    assert 0 < other["ssim"] < 1
-    a, b = (torch.from_numpy(t).permute(0, 3, 1, 2).float() / 127.5 - 1 for t in (shifted, images))
-    with torch.no_grad():
-        direct = lpips_net(a, b).mean().item()  # LPIPS on [-1, 1] images; random heads can make it negative
-    assert other["lpips"] == pytest.approx(direct, rel=1e-4, abs=1e-7) and abs(direct) > 1e-5
-    # Paired mode needs the original images, and says so before the Inception pass.
-    np.savez(tmp_path / "recons.npz", arr_0=images)
-    np.savez(tmp_path / "stats.npz", mu=np.zeros(2048))
-    with pytest.raises(ValueError, match="arr_0"):
-        fid.evaluate(str(tmp_path / "recons.npz"), str(tmp_path / "stats.npz"), _fid_net(), paired=True,
-                     lpips_net=lpips_net, progress=False)
-    with pytest.raises(ValueError, match="square"):
-        np.savez(tmp_path / "wide.npz", arr_0=np.zeros((2, 16, 24, 3), np.uint8))
-        fid.evaluate(str(tmp_path / "wide.npz"), str(tmp_path / "val"), _fid_net(), progress=False)
+    originals = fid.load_images(str(tmp_path / "val"), 16)
+    same = fid.paired_metrics(images, originals, _FidTinyLpips(), batch_size=4, progress=False)
+    assert math.isinf(same["psnr"]) and same["ssim"] == pytest.approx(1.0, abs=1e-12) and same["lpips"] == 0
+    other = fid.paired_metrics(images + 10, originals, _FidTinyLpips(), batch_size=4, progress=False)
+    assert other["psnr"] == pytest.approx(10 * math.log10(255 ** 2 / 100), rel=1e-12)  # MSE = 10² exactly
+    assert other["ssim"] == pytest.approx(_fid_ssim_loops(images + 10, images).mean(), rel=1e-10)
+    assert other["lpips"] == pytest.approx(10 / 127.5, rel=1e-6)  # the stand-in saw [-1, 1] images
 
 
-def test_fid_cli_end_to_end(tmp_path):
-    net, feats = _fid_net(), _fid_features()
-    torch.save(net.state_dict(), tmp_path / "inception.pth")
-    np.savez(tmp_path / "samples.npz", arr_0=_fid_images())
-    # An ADM-style reference batch: statistics given (here those of the samples) plus a few images whose features
-    # feed precision/recall; the CLI computes those features and caches them next to it.
-    mu, sigma = fid.feature_stats(feats["pool"])
-    mu_s, sigma_s = fid.feature_stats(feats["spatial"])
-    np.savez(tmp_path / "ref.npz", arr_0=_fid_images()[:4], mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
-    out = tmp_path / "metrics.json"
+def test_fid_cache_follows_reference_content(tmp_path, capsys):
+    net, samples = _FidTinyNet(), _fid_images(10, 32, seed=0)
+    np.savez(tmp_path / "samples.npz", arr_0=samples)
+    ref, cache = tmp_path / "ref.npz", tmp_path / "ref_adm_fidstats.npz"
+    np.savez(ref, arr_0=_fid_images(10, 32, seed=1))
+
+    def run(**kwargs):
+        return fid.evaluate(str(tmp_path / "samples.npz"), str(ref), net, progress=False, **kwargs)
+
+    first = run()
+    assert first["fid"] > 1e-3 and cache.is_file()
+    assert _fid_notes(capsys) == [f"caching the reference statistics of {ref} in {cache}"]
+    # The samples themselves become the reference, in a file of the same size and modification time: only its
+    # bytes tell the two references apart.
+    before = ref.stat()
+    np.savez(ref, arr_0=samples)
+    os.utime(ref, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (ref.stat().st_size, ref.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    second = run()
+    assert abs(second["fid"]) < 1e-9 and abs(second["sfid"]) < 1e-9  # identical sets
+    assert _fid_notes(capsys) == [f"recomputing the cached reference statistics {cache}: {ref} changed since it "
+                                  "was made"]
+    assert run() == second  # a cache never changes a number
+    assert _fid_notes(capsys) == [f"using the cached reference statistics {cache} ({ref} is unchanged)"]
+    assert run(cache=False) == second and _fid_notes(capsys) == []
+    with pytest.raises(tu.DataError, match="another Inception"):  # the cache as REF keeps its network tag
+        fid.reference_stats(str(cache), _FidTinyNet(seed=1))
+    np.testing.assert_array_equal(fid.reference_stats(str(cache), net)["pool"],
+                                  fid.inception_features(net, samples, progress=False)["pool"])
+    fid.reference_stats(str(ref), _FidTinyNet(seed=1), progress=False)
+    assert _fid_notes(capsys) == [f"recomputing the cached reference statistics {cache}: it was made with another "
+                                  "Inception or preprocessing"]
+
+
+def test_fid_cache_of_image_folder_follows_its_files(tmp_path, capsys):
+    net = _FidTinyNet()
+    np.savez(tmp_path / "samples.npz", arr_0=_fid_images(10, 32, seed=0))
+    (tmp_path / "ref").mkdir()
+    for i, im in enumerate(_fid_images(10, 32, seed=1)):
+        Image.fromarray(im).save(tmp_path / "ref" / f"{i}.png")
+    cache = tmp_path / "ref_adm_32px_fidstats.npz"
+
+    def run(**kwargs):
+        return fid.evaluate(str(tmp_path / "samples.npz"), str(tmp_path / "ref"), net, progress=False, **kwargs)
+
+    first = run()
+    assert cache.is_file() and run() == first and len(_fid_notes(capsys)) == 2
+    path = tmp_path / "ref" / "3.png"
+    before = path.stat()
+    Image.fromarray(_fid_images(1, 32, seed=2)[0]).save(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    changed = run()
+    assert changed != first and changed == run(cache=False)
+    assert _fid_notes(capsys) == [f"recomputing the cached reference statistics {cache}: {tmp_path / 'ref'} changed "
+                                  "since it was made"]
+    (tmp_path / "ref" / "7.png").unlink()
+    fewer = run()
+    assert fewer != changed and fewer == run(cache=False)
+    assert "changed since it was made" in _fid_notes(capsys)[0]
+
+
+def test_fid_damaged_or_older_cache_is_rebuilt(tmp_path, capsys):
+    net = _FidTinyNet()
+    np.savez(tmp_path / "samples.npz", arr_0=_fid_images(10, 32, seed=0))
+    np.savez(tmp_path / "ref.npz", arr_0=_fid_images(10, 32, seed=1))
+    ref, cache = tmp_path / "ref.npz", tmp_path / "ref_adm_fidstats.npz"
+    fresh = fid.evaluate(str(tmp_path / "samples.npz"), str(ref), net, progress=False, cache=False)
+    cache.write_bytes(b"PK\x03\x04 cut short")  # an npz (zip) killed while being written
+    older = {"mu": np.zeros(12), "tag": np.array(fid.stats_tag(net, "adm"))}  # no content key
+    for content, why in [(None, "it is unreadable (BadZipFile)"), (older, "it lacks ['sigma', 'mu_s', 'sigma_s', "
+                                                                        "'pool', 'image_size', 'source']")]:
+        if content is not None:
+            np.savez(cache, **content)
+        assert fid.evaluate(str(tmp_path / "samples.npz"), str(ref), net, progress=False) == fresh
+        assert _fid_notes(capsys) == [f"recomputing the cached reference statistics {cache}: {why}"]
+        assert fid.stale_cache(str(cache), str(ref), fid.stats_tag(net, "adm"), fid.content_digest(str(ref))) == ""
+
+
+def test_fid_no_cache_reads_and_writes_nothing(tmp_path, capsys):
+    net = _FidTinyNet()
+    np.savez(tmp_path / "samples.npz", arr_0=_fid_images(10, 32, seed=0))
+    np.savez(tmp_path / "ref.npz", arr_0=_fid_images(10, 32, seed=1))
+    fresh = fid.evaluate(str(tmp_path / "samples.npz"), str(tmp_path / "ref.npz"), net, progress=False, cache=False)
+    assert sorted(os.listdir(tmp_path)) == ["ref.npz", "samples.npz"] and _fid_notes(capsys) == []
+    # A cache that is wrong for the present REF (made by another network, relabelled as this one's) is not read.
+    fid.evaluate(str(tmp_path / "samples.npz"), str(tmp_path / "ref.npz"), _FidTinyNet(seed=1), progress=False)
+    cache = tmp_path / "ref_adm_fidstats.npz"
+    with np.load(cache) as data:
+        poisoned = {**data, "tag": np.array(fid.stats_tag(net, "adm"))}
+    np.savez(cache, **poisoned)
+    written = cache.read_bytes()
+    capsys.readouterr()
+    again = fid.evaluate(str(tmp_path / "samples.npz"), str(tmp_path / "ref.npz"), net, progress=False, cache=False)
+    assert again == fresh and cache.read_bytes() == written and _fid_notes(capsys) == []
+    assert fid.evaluate(str(tmp_path / "samples.npz"), str(tmp_path / "ref.npz"), net, progress=False) != fresh
+
+
+def test_fid_refuses_doubtful_inputs_before_building_networks(tmp_path, monkeypatch):
+    _fid_forbid_networks(monkeypatch)
+    for name, images in [("s32", _fid_images(10, 32)), ("s64", _fid_images(10, 64)), ("r12", _fid_images(12, 32)),
+                         ("five", _fid_images(5, 32)), ("wide", _fid_images(10, 32)[:, :, :24]),
+                         ("empty", np.zeros((0, 32, 32, 3), np.uint8)), ("floats", np.zeros((10, 32, 32, 3)))]:
+        np.savez(tmp_path / f"{name}.npz", arr_0=images)
+    np.savez(tmp_path / "mu_only.npz", mu=np.zeros(2048))
+    (tmp_path / "random.npz").write_bytes(os.urandom(1000))
+    (tmp_path / "folder").mkdir()
+    Image.fromarray(_fid_images(1, 40)[0]).save(tmp_path / "folder" / "a.png")
+    p = lambda name: str(tmp_path / name)
+    cases = [
+        ([p("s32.npz"), p("s64.npz")], tu.DataError, "32x32 images but .* 64x64.*--allow-size-mismatch"),
+        ([p("s32.npz"), p("s64.npz"), "--paired"], tu.DataError, "--paired: .* 10 images of 32x32 .* 10 of 64x64"),
+        ([p("s32.npz"), p("r12.npz"), "--paired"], tu.DataError, "--paired: .* 10 images .* 12 of 32x32"),
+        ([p("empty.npz"), p("s32.npz")], tu.DataError, "empty.npz holds no images"),
+        ([p("s32.npz"), p("empty.npz")], tu.DataError, "empty.npz holds no images"),
+        ([p("five.npz"), p("s32.npz")], tu.DataError, "five.npz holds 5 images: the Inception score needs at least 10"),
+        ([p("floats.npz"), p("s32.npz")], tu.DataError, "floats.npz: arr_0 should hold uint8"),
+        ([p("s32.npz"), p("mu_only.npz")], tu.DataError, "mu_only.npz has no images \\(key arr_0\\)"),
+        ([p("random.npz"), p("s32.npz")], tu.DataError, "random.npz is not an npz file"),
+        ([p("s32.npz"), p("nowhere.npz")], tu.MissingFileError, "nowhere.npz"),
+        ([p("folder"), p("s32.npz")], tu.DataError, "folder is a folder, not an npz file"),
+        ([p("wide.npz"), p("folder")], tu.DataError, "must be square"),
+        ([p("s32.npz"), p("folder")], tu.DataError, "precision/recall need more than k=3 reference images; .* 1$"),
+        ([p("s32.npz"), p("s32.npz"), "--batch-size", "0"], tu.UsageError, "--batch-size: must be a positive"),
+        ([p("s32.npz"), p("s32.npz"), "--random-lpips"], tu.UsageError, "--random-lpips applies to --paired"),
+        ([p("s32.npz"), p("s32.npz"), "--paired", "--allow-size-mismatch"], tu.UsageError, "--allow-size-mismatch"),
+        ([p("s32.npz"), p("s32.npz"), "--inception", "x.pth", "--random-inception"], tu.UsageError, "exclude"),
+    ]
+    for argv, error, pattern in cases:
+        with pytest.raises(error, match=pattern):
+            fid.main(argv)
+    # The inputs pass once the mismatch is allowed: the next step builds the network.
+    with pytest.raises(AssertionError, match="network was built"):
+        fid.main([p("s32.npz"), p("s64.npz"), "--allow-size-mismatch", "--random-inception"])
+
+
+def test_fid_main_labels_random_networks_and_honours_no_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fid, "random_inception", lambda seed: _FidTinyNet(seed))
+    monkeypatch.setattr(fid, "seeded_random_lpips", lambda: _FidTinyLpips())
+    images = np.minimum(_fid_images(10, 32), 245)
+    np.savez(tmp_path / "originals.npz", arr_0=images)
+    np.savez(tmp_path / "recons.npz", arr_0=images + 10)
+    out = tmp_path / "out" / "metrics.json"
+    results = fid.main([str(tmp_path / "recons.npz"), str(tmp_path / "originals.npz"), "--paired", "--no-cache",
+                        "--random-inception", "--random-lpips", "--json", str(out), "--batch-size", "4"])
+    assert sorted(os.listdir(tmp_path)) == ["originals.npz", "out", "recons.npz"]  # no cache
+    assert json.loads(out.read_text()) == results
+    assert results["note"] == ("seeded random Inception and LPIPS VGG trunk: plumbing-only numbers, not comparable "
+                               "to published FIDs")
+    assert results["psnr"] == pytest.approx(10 * math.log10(255 ** 2 / 100), rel=1e-12)
+    assert results["lpips"] == pytest.approx(10 / 127.5, rel=1e-6) and results["num_samples"] == 10
+    stdout = capsys.readouterr().out.splitlines()
+    assert stdout[0] == f"note: {results['note']}" and "psnr: 28.1308" in stdout
+    fid.main([str(tmp_path / "recons.npz"), str(tmp_path / "originals.npz"), "--random-inception"])
+    assert (tmp_path / "originals_adm_fidstats.npz").is_file()
+    assert capsys.readouterr().out.startswith("note: seeded random Inception: plumbing-only")
+
+
+@pytest.mark.slow
+def test_fid_random_lpips_is_seeded_and_leaves_the_global_generator_alone():
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        a = fid.seeded_random_lpips()
+        torch.manual_seed(2)
+        state = torch.get_rng_state()
+        b = fid.seeded_random_lpips()
+        assert torch.equal(torch.get_rng_state(), state)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.slow
+def test_fid_cli_user_error_is_one_line(tmp_path):
+    """The only subprocess test of fid.py: its __main__ turns a user error into one line and exit status 1."""
+    np.savez(tmp_path / "samples.npz", arr_0=_fid_images(10, 32))
+    np.savez(tmp_path / "ref.npz", arr_0=_fid_images(10, 64))
     here = os.path.dirname(os.path.abspath(fid.__file__))
-    proc = subprocess.run([sys.executable, os.path.join(here, "fid.py"), str(tmp_path / "samples.npz"),
-                           str(tmp_path / "ref.npz"), "--inception", str(tmp_path / "inception.pth"),
-                           "--json", str(out), "--batch-size", "5"], capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    results = json.loads(out.read_text())
-    assert set(results) == {"fid", "sfid", "inception_score", "precision", "recall", "num_samples"}
-    assert "fid:" in proc.stdout and results["num_samples"] == 10
-    assert abs(results["fid"]) < 1e-4 and abs(results["sfid"]) < 1e-3
-    assert results["inception_score"] == pytest.approx(fid.inception_score(feats["logits"]), rel=1e-4)
-    assert (results["precision"], results["recall"]) == fid.precision_recall(feats["pool"][:4], feats["pool"])
-    # The statistics were cached next to REF; both the cache and REF itself now resolve to them without a pass.
-    cached = fid.reference_stats(str(tmp_path / "ref_adm_fidstats.npz"), net)
-    np.testing.assert_allclose(cached["pool"], feats["pool"][:4], rtol=1e-4, atol=1e-5)
-    np.testing.assert_array_equal(cached["sigma"], sigma)
-    np.testing.assert_array_equal(fid.reference_stats(str(tmp_path / "ref.npz"), net)["pool"], cached["pool"])
-    with pytest.raises(ValueError, match="another Inception"):
-        fid.reference_stats(str(tmp_path / "ref_adm_fidstats.npz"), fid.random_inception(seed=1))
-    missing = subprocess.run([sys.executable, os.path.join(here, "fid.py"), str(tmp_path / "samples.npz"),
-                              str(tmp_path / "ref.npz"), "--inception", str(tmp_path / "no.pth")],
-                             capture_output=True, text=True, cwd=tmp_path)
-    assert missing.returncode != 0 and fid.FID_WEIGHTS_URL in missing.stderr.strip().splitlines()[-1]
+    proc = subprocess.run([sys.executable, os.path.join(here, "fid.py"), "samples.npz", "ref.npz"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.splitlines() == ["fid.py: error: samples.npz holds 32x32 images but ref.npz 64x64: a FID "
+                                        "between images of different sizes is not meaningful "
+                                        "(--allow-size-mismatch computes it anyway)"]
 
 
 def _probe_tiny_checkpoint(tmp_path):
