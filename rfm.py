@@ -1,13 +1,15 @@
 """
-Riemannian flow matching on a product of spheres (DINO-SAE paper §3.4 and App. A; SPEC §4).
+Riemannian flow matching on a product of spheres (DINO-SAE paper §3.4 and App. A).
 
 A latent is a tensor [B, C, h, w] (any trailing token layout [B, C, ...] works): every token, i.e. every spatial
 position, is one point on the sphere S_R^{C-1} = {||x|| = R}, and all norms and inner products run over dim=1
 (channels). Tokens never interact in a geometric operation (Eq. 11: the manifold is a product of spheres).
 
-Time convention (SPEC §4, D): t = 0 is data, t = 1 is noise. Training draws t from a shifted logit-normal; samplers
-integrate t from 1 down to 0 on a grid warped by the same shift. The network predicts u_t = dx_t/dt, which points
-from data towards noise, so samplers step with dt < 0.
+Time convention: t = 0 is data, t = 1 is noise, as in the paper's samplers (App. A, Alg. 1-2); the paper's Eq. 12-15
+use the opposite convention, so they are read here with x0 = data and x1 = noise (see README, "Where this code differs
+from the paper"). Training draws t from a shifted logit-normal; samplers integrate t from 1 down to 0 on a grid warped
+by the same shift. The network predicts u_t = dx_t/dt, which points from data towards noise, so samplers step with
+dt < 0.
 
 Contents, top to bottom: sphere geometry (projection, exp/log maps), the geodesic path and its velocity (Eq. 12-13,
 15), the time distribution, the loss (Eq. 14, with the Euclidean flow-matching baseline behind `euclidean=True`), the
@@ -114,9 +116,9 @@ def geodesic_path(x_data, x_noise, t, radius, generator=None):
     t = _per_sample(t.to(x_data.dtype), x_data)
     m = log_map(x_data, x_noise, radius, generator)
     angle = m.norm(dim=1, keepdim=True) / radius
-    x_t = exp_map(x_data, t * m, radius)
+    x_t = exp_map(x_data, t * m, radius)  # Eq. 12-13
     # u_t is m transported to x_t: cos(tW) m - W sin(tW) x0, written with sinc so that W -> 0 gives u_t -> m.
-    u_t = torch.cos(t * angle) * m - t * angle ** 2 * _sinc(t * angle) * x_data
+    u_t = torch.cos(t * angle) * m - t * angle ** 2 * _sinc(t * angle) * x_data  # Eq. 15
     return x_t, u_t
 
 
@@ -205,7 +207,7 @@ def sample_euler_proj(velocity_fn, x_noise, radius, alpha, steps=50):
     x = x_noise
     for t, dt in _time_steps(x, steps, alpha):
         v = project_tangent(x, velocity_fn(x, t), radius)
-        x = project_sphere(x + dt * v, radius)
+        x = project_sphere(x + dt * v, radius)  # Alg. 2
     return x
 
 
@@ -219,7 +221,7 @@ def sample_rodrigues(velocity_fn, x_noise, radius, alpha, steps=50):
     x = x_noise
     for t, dt in _time_steps(x, steps, alpha):
         v = project_tangent(x, velocity_fn(x, t), radius)
-        x = exp_map(x, dt * v, radius)
+        x = exp_map(x, dt * v, radius)  # Alg. 1
     return x
 
 
@@ -262,7 +264,7 @@ def guided_velocity(model, y, scale, radius, interval=(0.0, 1.0), null_class=100
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Toy check of the convergence claim (SPEC §4): 4 tokens on S^15 (R = 4), mixture of 8 classes, RFM vs Euclidean FM
+# Toy check of the convergence claim (abstract): 4 tokens on S^15 (R = 4), mixture of 8 classes, RFM vs Euclidean FM
 # ---------------------------------------------------------------------------------------------------------------------
 
 class ToyMLP(nn.Module):
@@ -348,7 +350,8 @@ def toy_study(seeds=(0, 1, 2), steps=500, eval_every=100, batch=512, num_eval=20
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Toy check: RFM vs Euclidean FM on 4 tokens on S^15 (SPEC §4).")
+    parser = argparse.ArgumentParser(description="Toy check of the paper's convergence claim (abstract): RFM vs "
+                                                 "Euclidean FM on 4 tokens on S^15.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=500, help="training steps per run")
     parser.add_argument("--eval-every", type=int, default=100)
