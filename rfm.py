@@ -12,9 +12,10 @@ by the same shift. The network predicts u_t = dx_t/dt, which points from data to
 dt < 0.
 
 Contents, top to bottom: sphere geometry (projection, exp/log maps), the geodesic path and its velocity (Eq. 12-13,
-15), the time distribution, the loss (Eq. 14, with the Euclidean flow-matching baseline behind `euclidean=True`), the
-samplers (Alg. 1 Rodrigues, Alg. 2 Euler with projection, plain Euler for the baseline), classifier-free guidance,
-and a toy study of the paper's claim that RFM converges faster than Euclidean FM (`python rfm.py`).
+15), the time distribution, the loss (Eq. 14; a projected-output ablation behind `tangent=True` and the Euclidean
+flow-matching baseline behind `euclidean=True`), the samplers (Alg. 1 Rodrigues, Alg. 2 Euler with projection, plain
+Euler for the baseline), classifier-free guidance, and a toy study of the paper's claim that RFM converges faster than
+Euclidean FM (`python rfm.py`).
 """
 import argparse
 import math
@@ -164,27 +165,32 @@ def time_grid(steps, alpha):
 # Loss (Eq. 14)
 # ---------------------------------------------------------------------------------------------------------------------
 
-def rfm_loss(model, x_data, y, radius, alpha, euclidean=False, generator=None):
+def rfm_loss(model, x_data, y, radius, alpha, *, euclidean=False, tangent=False, generator=None):
     """Flow-matching loss; model(x_t, t, y) predicts the velocity dx_t/dt.
 
-    Riemannian (default, Eq. 14): uniform noise on the sphere, geodesic path, per-element mean of
-    (P_{x_t} v - u_t)^2; projecting the network output makes the loss blind to the radial part that samplers discard.
+    Riemannian (default): uniform noise on the sphere, geodesic path, and Eq. 14 as written, E||v - u_t||^2 on the raw
+    network output v, taken as the per-element mean of (v - u_t)^2 (mean over tokens of ||v - u_t||^2 / C, RAE's
+    scale, which gradient clipping at 1.0 assumes). The network is thus also taught to keep its output tangent.
+    tangent=True is an ablation: it regresses P_{x_t} v, blind to the radial part that the samplers discard anyway.
     euclidean=True is the ablation baseline: Gaussian prior N(0, I) (tokens of norm ~ sqrt(C) = R), straight path,
     target x_noise - x_data, raw network output.
     """
     _check_latent(x_data, "x_data")
+    if euclidean and tangent:
+        raise ValueError("tangent=True projects onto the sphere's tangent spaces; the Euclidean baseline has no sphere")
     # The path needs at least float32 (bf16 latents would blur angles near 0 and pi).
     x_data = x_data.to(torch.promote_types(x_data.dtype, torch.float32))
     t = sample_time(x_data.shape[0], alpha, generator, x_data.device).to(x_data.dtype)
     if euclidean:
         x_noise = torch.randn(x_data.shape, generator=generator, device=x_data.device, dtype=x_data.dtype)
         x_t, target = linear_path(x_data, x_noise, t)
-        v = model(x_t, t, y)
     else:
         x_noise = sample_noise(x_data.shape, radius, generator, x_data.device, x_data.dtype)
         x_t, target = geodesic_path(x_data, x_noise, t, radius, generator)
-        v = project_tangent(x_t, model(x_t, t, y), radius)
-    return ((v - target) ** 2).mean()
+    v = model(x_t, t, y)
+    if tangent:
+        v = project_tangent(x_t, v, radius)
+    return ((v - target) ** 2).mean()  # Eq. 14
 
 
 # ---------------------------------------------------------------------------------------------------------------------

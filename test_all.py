@@ -1237,25 +1237,86 @@ def test_rfm_guided_velocity():
     assert torch.allclose(v_mix, rfm.project_tangent(x, torch.where(inside, u + 3.0 * (c - u), c), R))
 
 
-def test_rfm_loss_zero_for_exact_target_and_ignores_radial_part():
-    R = 4.0
-    x_data = _rfm_sphere((8, 16, 2, 2), R, 14)
+def _rfm_recording(model):
+    """model, plus the list of (x_t, t) it was called with."""
+    calls = []
+
+    def recording(x_t, t, y):
+        calls.append((x_t, t))
+        return model(x_t, t, y)
+
+    return recording, calls
+
+
+def _rfm_loss_by_hand(model, x_data, R, alpha, seed, tangent):
+    """Eq. 14 on Eq. 12-13 and 15 written out literally (x0 = data, x1 = noise), replaying rfm_loss's draws from a
+    generator seeded alike: logit-normal times in float32, shifted, then Gaussian noise scaled onto the sphere."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(x_data.shape[0], generator=g).sigmoid()
+    t = (alpha * s / (1 + (alpha - 1) * s)).double()
+    eps = torch.randn(x_data.shape, generator=g, dtype=torch.float64)
+    x0, x1 = x_data, R * eps / eps.norm(dim=1, keepdim=True)
+    omega = torch.acos((x0 * x1).sum(1, keepdim=True) / R ** 2)
+    tt = t.view(-1, 1, 1, 1)
+    x_t = (torch.sin((1 - tt) * omega) * x0 + torch.sin(tt * omega) * x1) / torch.sin(omega)
+    u_t = omega / torch.sin(omega) * (torch.cos(tt * omega) * x1 - torch.cos((1 - tt) * omega) * x0)
+    v = model(x_t, t, None)
+    if tangent:
+        v = v - (v * x_t).sum(1, keepdim=True) / R ** 2 * x_t
+    return ((v - u_t) ** 2).mean(), x_t, t, v
+
+
+def test_rfm_loss_is_eq14_on_raw_output_and_tangent_ablation_projects():
+    R, C, alpha = 4.0, 16, 3.0
+    x_data = _rfm_sphere((5, C, 2, 3), R, 14)
+    g = torch.Generator().manual_seed(19)
+    W = torch.randn(C, C, generator=g, dtype=torch.float64) + 2 * torch.eye(C, dtype=torch.float64)
+    b = torch.randn(C, generator=g, dtype=torch.float64)
+    # this affine map of x_t has a large radial part <v, x_t>, so projecting changes the loss
+    model = lambda x_t, t, y: torch.einsum("dc,bchw->bdhw", W, x_t) + t.view(-1, 1, 1, 1) * b.view(1, -1, 1, 1)
+    losses = {}
+    for tangent in (False, True):
+        recording, calls = _rfm_recording(model)
+        loss = rfm.rfm_loss(recording, x_data, None, R, alpha, tangent=tangent,
+                            generator=torch.Generator().manual_seed(7))
+        by_hand, x_t, t, v = _rfm_loss_by_hand(model, x_data, R, alpha, 7, tangent)
+        assert len(calls) == 1
+        assert torch.allclose(calls[0][0], x_t, rtol=0, atol=1e-12) and torch.equal(calls[0][1], t)
+        assert loss.ndim == 0 and loss.dtype == torch.float64
+        assert abs(loss.item() - by_hand.item()) < 1e-12 * by_hand.item()
+        losses[tangent] = loss.item()
+    # u_t is tangent, so the raw loss exceeds the projected one by the mean squared radial part, <v, x_t>^2 / R^2 / C
+    _, x_t, _, v = _rfm_loss_by_hand(model, x_data, R, alpha, 7, tangent=False)
+    radial = ((v * x_t).sum(1) ** 2 / R ** 2).mean() / C
+    assert radial > 0.1 * losses[False]
+    assert abs(losses[False] - losses[True] - radial.item()) < 1e-12 * losses[False]
+
+
+def test_rfm_loss_zero_for_exact_target_and_counts_radial_part_unless_tangent():
+    R, C = 4.0, 16
+    x_data = _rfm_sphere((8, C, 2, 2), R, 14)
+    seeded = lambda: torch.Generator().manual_seed(0)
 
     def exact(x_t, t, y):
         _, u = rfm.geodesic_path(x_data, x_t, torch.ones_like(t), R)
         return u / t.view(-1, 1, 1, 1)
 
-    radial = lambda x_t, t, y: exact(x_t, t, y) + 5.0 * x_t * (1 + t.view(-1, 1, 1, 1))
-    for model in (exact, radial):
-        loss = rfm.rfm_loss(model, x_data, None, R, alpha=8.0, generator=torch.Generator().manual_seed(0))
-        assert loss.ndim == 0 and loss.item() < 1e-16
-    wrong = lambda x_t, t, y: torch.zeros_like(x_t)
-    assert rfm.rfm_loss(wrong, x_data, None, R, alpha=8.0).item() > 1.0
-    # Euclidean baseline: x_t = (1-t) x_data + t eps, target eps - x_data = (x_t - x_data) / t
+    radial = lambda x_t, t, y: exact(x_t, t, y) + 0.5 * x_t
+    for tangent in (False, True):
+        assert rfm.rfm_loss(exact, x_data, None, R, alpha=8.0, tangent=tangent, generator=seeded()).item() < 1e-24
+    # 0.5 x_t adds 0.25 ||x_t||^2 / C = 0.25 R^2 / C per element, which the projection removes
+    loss = rfm.rfm_loss(radial, x_data, None, R, alpha=8.0, generator=seeded()).item()
+    assert abs(loss - 0.25 * R ** 2 / C) < 1e-12
+    assert rfm.rfm_loss(radial, x_data, None, R, alpha=8.0, tangent=True, generator=seeded()).item() < 1e-24
+    # Euclidean baseline: x_t = (1-t) x_data + t eps, target eps - x_data = (x_t - x_data) / t, raw output
     lin = lambda x_t, t, y: (x_t - x_data) / t.view(-1, 1, 1, 1)
-    loss = rfm.rfm_loss(lin, x_data, None, R, alpha=1.0, euclidean=True, generator=torch.Generator().manual_seed(0))
-    assert loss.item() < 1e-16
-    assert rfm.rfm_loss(radial, x_data, None, R, alpha=1.0, euclidean=True).item() > 1.0
+    loss = rfm.rfm_loss(lin, x_data, None, R, alpha=1.0, euclidean=True, generator=seeded())
+    assert loss.item() < 1e-24
+    recording, calls = _rfm_recording(lambda x_t, t, y: lin(x_t, t, y) + 0.5 * x_t)
+    loss = rfm.rfm_loss(recording, x_data, None, R, alpha=1.0, euclidean=True, generator=seeded())
+    assert abs(loss.item() - 0.25 * (calls[0][0] ** 2).mean().item()) < 1e-12
+    with pytest.raises(ValueError):
+        rfm.rfm_loss(lin, x_data, None, R, alpha=1.0, euclidean=True, tangent=True)
 
 
 def _rfm_mixture_velocity(points, weights, radius):
