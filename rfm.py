@@ -18,6 +18,7 @@ Euler for the baseline), classifier-free guidance, and a toy study of the paper'
 Euclidean FM (`python rfm.py`).
 """
 import argparse
+import copy
 import math
 
 import torch
@@ -314,54 +315,63 @@ def mmd2(x, y, bandwidths=(0.5, 1.0, 2.0)):
     return (xx + yy - 2 * kernel(x, y).mean()).item()
 
 
-def toy_study(seeds=(0, 1, 2), steps=500, eval_every=100, batch=512, num_eval=2000, sample_steps=32,
-              channels=16, tokens=4, radius=4.0, classes=8, alpha=1.0):
-    """Train the toy MLP by RFM and by Euclidean FM per seed; returns {method: {step: [MMD^2 per seed]}} and FM's
-    mean relative distance to the sphere |(||x|| / R) - 1| of the final samples per seed.
+def toy_samples(model, method, n, channels, tokens, radius, alpha, sample_steps, generator):
+    """Euler with projection from uniform noise on the sphere for "rfm", plain Euler from N(0, I) for "fm"."""
+    if method == "fm":
+        return sample_euler(model, torch.randn(n, channels, tokens, generator=generator), alpha, sample_steps)
+    return sample_euler_proj(model, sample_noise((n, channels, tokens), radius, generator), radius, alpha, sample_steps)
 
-    MMD^2 compares num_eval samples (sample_steps Euler steps) with as many held-out points, on unit tokens (x / R).
-    alpha = 1: RAE's shift formula targets large latents and would give 0.125 here.
+
+def off_sphere(x, radius):
+    """Mean relative distance of the tokens of x to the sphere, |(||x|| / R) - 1|."""
+    return (x.norm(dim=1) / radius - 1).abs().mean().item()
+
+
+def toy_study(seeds=(0, 1, 2), steps=500, eval_every=100, batch=512, num_eval=2000, sample_steps=32,
+              channels=16, tokens=4, radius=4.0, classes=8, alpha=1.0, tangent=False):
+    """Train the toy MLP by RFM and by Euclidean FM per seed, from the same initial weights and data stream.
+
+    Returns {method: {step: [MMD^2 per seed]}} and {method: [off_sphere of the final samples per seed]}. MMD^2 compares
+    num_eval samples (sample_steps Euler steps) with as many held-out points, on unit tokens (x / R). alpha = 1:
+    RAE's shift formula targets large latents and would give 0.125 here. tangent=True trains RFM with the projected
+    loss (the rfm_loss ablation).
     """
     curves = {"rfm": {}, "fm": {}}
-    off_sphere = []
+    final_off_sphere = {"rfm": [], "fm": []}
     for seed in seeds:
         g = torch.Generator().manual_seed(seed)
         centers = F.normalize(torch.randn(classes, channels, tokens, generator=g), dim=1)
         held_out = toy_data(num_eval, centers, radius, g)
-        init = ToyMLP(channels, tokens).state_dict()
+        with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the caller's RNG
+            torch.manual_seed(seed)
+            init = ToyMLP(channels, tokens)
         for method in ("rfm", "fm"):
-            euclidean = method == "fm"
-            model = ToyMLP(channels, tokens)
-            model.load_state_dict(init)
+            model = copy.deepcopy(init)
             opt = torch.optim.Adam(model.parameters(), lr=1e-3)
             g_train = torch.Generator().manual_seed(seed + 1000)
             for step in range(1, steps + 1):
                 loss = rfm_loss(model, toy_data(batch, centers, radius, g_train), None, radius, alpha,
-                                euclidean=euclidean, generator=g_train)
+                                euclidean=method == "fm", tangent=tangent and method == "rfm", generator=g_train)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 if step % eval_every == 0 or step == steps:
-                    g_eval = torch.Generator().manual_seed(seed + 2000)
-                    if euclidean:
-                        noise = torch.randn(num_eval, channels, tokens, generator=g_eval)
-                        samples = sample_euler(model, noise, alpha, sample_steps)
-                    else:
-                        noise = sample_noise((num_eval, channels, tokens), radius, g_eval)
-                        samples = sample_euler_proj(model, noise, radius, alpha, sample_steps)
+                    samples = toy_samples(model, method, num_eval, channels, tokens, radius, alpha, sample_steps,
+                                          torch.Generator().manual_seed(seed + 2000))
                     curves[method].setdefault(step, []).append(mmd2(samples / radius, held_out / radius))
-            if euclidean:
-                off_sphere.append((samples.norm(dim=1) / radius - 1).abs().mean().item())
-    return curves, off_sphere
+            final_off_sphere[method].append(off_sphere(samples, radius))
+    return curves, final_off_sphere
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Toy check of the paper's convergence claim (abstract): RFM vs "
-                                                 "Euclidean FM on 4 tokens on S^15.")
+    parser = argparse.ArgumentParser(description="Toy check of the paper's convergence claim (abstract): Riemannian "
+                                                 "vs Euclidean flow matching on 4 tokens on S^15.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=500, help="training steps per run")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--sample-steps", type=int, default=32)
+    parser.add_argument("--tangent-loss", action="store_true",
+                        help="train RFM on the tangent projection of the output (ablation; default: Eq. 14 as written)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads: the toy MLP is too small to gain from more, and a busy CPU slows them")
     args = parser.parse_args()
@@ -369,7 +379,8 @@ def main():
         parser.error("--steps, --eval-every, --sample-steps and --threads must be >= 1")
     torch.set_num_threads(args.threads)
 
-    curves, off_sphere = toy_study(args.seeds, args.steps, args.eval_every, sample_steps=args.sample_steps)
+    curves, final_off_sphere = toy_study(args.seeds, args.steps, args.eval_every, sample_steps=args.sample_steps,
+                                         tangent=args.tangent_loss)
     print(f"MMD^2 vs held-out data, mean over seeds {args.seeds} (per-seed values in brackets)")
     print(f"{'step':>6} {'RFM':>10} {'FM':>10} {'RFM/FM':>8}")
     for step in curves["rfm"]:
@@ -377,7 +388,9 @@ def main():
         mean_rfm, mean_fm = sum(rfm) / len(rfm), sum(fm) / len(fm)
         print(f"{step:>6} {mean_rfm:>10.5f} {mean_fm:>10.5f} {mean_rfm / mean_fm:>8.3f}   "
               f"[{', '.join(f'{v:.4f}' for v in rfm)}] [{', '.join(f'{v:.4f}' for v in fm)}]")
-    print(f"FM samples off the sphere: mean | ||x||/R - 1 | = {sum(off_sphere) / len(off_sphere):.3f}")
+    for method, name in (("rfm", "RFM"), ("fm", "FM")):
+        values = final_off_sphere[method]
+        print(f"{name} samples off the sphere: mean | ||x||/R - 1 | = {sum(values) / len(values):.3g}")
 
 
 if __name__ == "__main__":

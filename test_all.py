@@ -1366,13 +1366,17 @@ def test_rfm_shape_errors():
         rfm.sample_noise((8,), 1.0)
 
 
-def test_rfm_toy_study_smoke():
-    curves, off_sphere = rfm.toy_study(seeds=(0,), steps=3, eval_every=2, batch=64, num_eval=100, sample_steps=4)
-    assert set(curves) == {"rfm", "fm"}
-    for method in curves:
-        assert sorted(curves[method]) == [2, 3]
-        assert all(math.isfinite(v) for vals in curves[method].values() for v in vals)
-    assert len(off_sphere) == 1 and off_sphere[0] > 0
+@pytest.mark.slow
+def test_rfm_toy_study_rfm_beats_euclidean_fm():
+    # One token on S^15, 500 steps of batch 512 (~11 s on one core). Over seeds 0-4 RFM's MMD^2 is 0.30-0.49x FM's;
+    # training RFM on the straight path between the same endpoints (Euclidean targets) gives 0.97-1.32x.
+    curves, off_sphere = rfm.toy_study(seeds=(0,), steps=500, eval_every=500, batch=512, num_eval=2000,
+                                       sample_steps=32, tokens=1)
+    assert sorted(curves["rfm"]) == sorted(curves["fm"]) == [500]
+    mmd_rfm, mmd_fm = curves["rfm"][500][0], curves["fm"][500][0]
+    assert mmd_rfm < 0.7 * mmd_fm, (mmd_rfm, mmd_fm)
+    # the samplers keep RFM on the sphere to float32 precision; Euclidean FM lands several percent off it
+    assert off_sphere["rfm"][0] < 1e-6 and off_sphere["fm"][0] > 0.03, off_sphere
 
 
 @functools.lru_cache(maxsize=None)
