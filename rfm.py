@@ -1,20 +1,24 @@
 """
-Riemannian flow matching on a product of spheres (DINO-SAE paper §3.4 and App. A; SPEC §4).
+Riemannian flow matching on a product of spheres (DINO-SAE paper §3.4 and App. A).
 
 A latent is a tensor [B, C, h, w] (any trailing token layout [B, C, ...] works): every token, i.e. every spatial
 position, is one point on the sphere S_R^{C-1} = {||x|| = R}, and all norms and inner products run over dim=1
 (channels). Tokens never interact in a geometric operation (Eq. 11: the manifold is a product of spheres).
 
-Time convention (SPEC §4, D): t = 0 is data, t = 1 is noise. Training draws t from a shifted logit-normal; samplers
-integrate t from 1 down to 0 on a grid warped by the same shift. The network predicts u_t = dx_t/dt, which points
-from data towards noise, so samplers step with dt < 0.
+Time convention: t = 0 is data, t = 1 is noise, as in the paper's samplers (App. A, Alg. 1-2); the paper's Eq. 12-15
+use the opposite convention, so they are read here with x0 = data and x1 = noise (see README, "Where this code differs
+from the paper"). Training draws t from a shifted logit-normal; samplers integrate t from 1 down to 0 on a grid warped
+by the same shift. The network predicts u_t = dx_t/dt, which points from data towards noise, so samplers step with
+dt < 0.
 
 Contents, top to bottom: sphere geometry (projection, exp/log maps), the geodesic path and its velocity (Eq. 12-13,
-15), the time distribution, the loss (Eq. 14, with the Euclidean flow-matching baseline behind `euclidean=True`), the
-samplers (Alg. 1 Rodrigues, Alg. 2 Euler with projection, plain Euler for the baseline), classifier-free guidance,
-and a toy study of the paper's claim that RFM converges faster than Euclidean FM (`python rfm.py`).
+15), the time distribution, the loss (Eq. 14; a projected-output ablation behind `tangent=True` and the Euclidean
+flow-matching baseline behind `euclidean=True`), the samplers (Alg. 1 Rodrigues, Alg. 2 Euler with projection, plain
+Euler for the baseline), classifier-free guidance, and a toy study of the paper's claim that RFM converges faster than
+Euclidean FM (`python rfm.py`).
 """
 import argparse
+import copy
 import math
 
 import torch
@@ -114,9 +118,9 @@ def geodesic_path(x_data, x_noise, t, radius, generator=None):
     t = _per_sample(t.to(x_data.dtype), x_data)
     m = log_map(x_data, x_noise, radius, generator)
     angle = m.norm(dim=1, keepdim=True) / radius
-    x_t = exp_map(x_data, t * m, radius)
+    x_t = exp_map(x_data, t * m, radius)  # Eq. 12-13
     # u_t is m transported to x_t: cos(tW) m - W sin(tW) x0, written with sinc so that W -> 0 gives u_t -> m.
-    u_t = torch.cos(t * angle) * m - t * angle ** 2 * _sinc(t * angle) * x_data
+    u_t = torch.cos(t * angle) * m - t * angle ** 2 * _sinc(t * angle) * x_data  # Eq. 15
     return x_t, u_t
 
 
@@ -162,27 +166,32 @@ def time_grid(steps, alpha):
 # Loss (Eq. 14)
 # ---------------------------------------------------------------------------------------------------------------------
 
-def rfm_loss(model, x_data, y, radius, alpha, euclidean=False, generator=None):
+def rfm_loss(model, x_data, y, radius, alpha, *, euclidean=False, tangent=False, generator=None):
     """Flow-matching loss; model(x_t, t, y) predicts the velocity dx_t/dt.
 
-    Riemannian (default, Eq. 14): uniform noise on the sphere, geodesic path, per-element mean of
-    (P_{x_t} v - u_t)^2; projecting the network output makes the loss blind to the radial part that samplers discard.
+    Riemannian (default): uniform noise on the sphere, geodesic path, and Eq. 14 as written, E||v - u_t||^2 on the raw
+    network output v, taken as the per-element mean of (v - u_t)^2 (mean over tokens of ||v - u_t||^2 / C, RAE's
+    scale, which gradient clipping at 1.0 assumes). The network is thus also taught to keep its output tangent.
+    tangent=True is an ablation: it regresses P_{x_t} v, blind to the radial part that the samplers discard anyway.
     euclidean=True is the ablation baseline: Gaussian prior N(0, I) (tokens of norm ~ sqrt(C) = R), straight path,
     target x_noise - x_data, raw network output.
     """
     _check_latent(x_data, "x_data")
+    if euclidean and tangent:
+        raise ValueError("tangent=True projects onto the sphere's tangent spaces; the Euclidean baseline has no sphere")
     # The path needs at least float32 (bf16 latents would blur angles near 0 and pi).
     x_data = x_data.to(torch.promote_types(x_data.dtype, torch.float32))
     t = sample_time(x_data.shape[0], alpha, generator, x_data.device).to(x_data.dtype)
     if euclidean:
         x_noise = torch.randn(x_data.shape, generator=generator, device=x_data.device, dtype=x_data.dtype)
         x_t, target = linear_path(x_data, x_noise, t)
-        v = model(x_t, t, y)
     else:
         x_noise = sample_noise(x_data.shape, radius, generator, x_data.device, x_data.dtype)
         x_t, target = geodesic_path(x_data, x_noise, t, radius, generator)
-        v = project_tangent(x_t, model(x_t, t, y), radius)
-    return ((v - target) ** 2).mean()
+    v = model(x_t, t, y)
+    if tangent:
+        v = project_tangent(x_t, v, radius)
+    return ((v - target) ** 2).mean()  # Eq. 14
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -205,7 +214,7 @@ def sample_euler_proj(velocity_fn, x_noise, radius, alpha, steps=50):
     x = x_noise
     for t, dt in _time_steps(x, steps, alpha):
         v = project_tangent(x, velocity_fn(x, t), radius)
-        x = project_sphere(x + dt * v, radius)
+        x = project_sphere(x + dt * v, radius)  # Alg. 2
     return x
 
 
@@ -219,7 +228,7 @@ def sample_rodrigues(velocity_fn, x_noise, radius, alpha, steps=50):
     x = x_noise
     for t, dt in _time_steps(x, steps, alpha):
         v = project_tangent(x, velocity_fn(x, t), radius)
-        x = exp_map(x, dt * v, radius)
+        x = exp_map(x, dt * v, radius)  # Alg. 1
     return x
 
 
@@ -262,7 +271,7 @@ def guided_velocity(model, y, scale, radius, interval=(0.0, 1.0), null_class=100
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Toy check of the convergence claim (SPEC §4): 4 tokens on S^15 (R = 4), mixture of 8 classes, RFM vs Euclidean FM
+# Toy check of the convergence claim (abstract): 4 tokens on S^15 (R = 4), mixture of 8 classes, RFM vs Euclidean FM
 # ---------------------------------------------------------------------------------------------------------------------
 
 class ToyMLP(nn.Module):
@@ -306,53 +315,63 @@ def mmd2(x, y, bandwidths=(0.5, 1.0, 2.0)):
     return (xx + yy - 2 * kernel(x, y).mean()).item()
 
 
-def toy_study(seeds=(0, 1, 2), steps=500, eval_every=100, batch=512, num_eval=2000, sample_steps=32,
-              channels=16, tokens=4, radius=4.0, classes=8, alpha=1.0):
-    """Train the toy MLP by RFM and by Euclidean FM per seed; returns {method: {step: [MMD^2 per seed]}} and FM's
-    mean relative distance to the sphere |(||x|| / R) - 1| of the final samples per seed.
+def toy_samples(model, method, n, channels, tokens, radius, alpha, sample_steps, generator):
+    """Euler with projection from uniform noise on the sphere for "rfm", plain Euler from N(0, I) for "fm"."""
+    if method == "fm":
+        return sample_euler(model, torch.randn(n, channels, tokens, generator=generator), alpha, sample_steps)
+    return sample_euler_proj(model, sample_noise((n, channels, tokens), radius, generator), radius, alpha, sample_steps)
 
-    MMD^2 compares num_eval samples (sample_steps Euler steps) with as many held-out points, on unit tokens (x / R).
-    alpha = 1: RAE's shift formula targets large latents and would give 0.125 here.
+
+def off_sphere(x, radius):
+    """Mean relative distance of the tokens of x to the sphere, |(||x|| / R) - 1|."""
+    return (x.norm(dim=1) / radius - 1).abs().mean().item()
+
+
+def toy_study(seeds=(0, 1, 2), steps=500, eval_every=100, batch=512, num_eval=2000, sample_steps=32,
+              channels=16, tokens=4, radius=4.0, classes=8, alpha=1.0, tangent=False):
+    """Train the toy MLP by RFM and by Euclidean FM per seed, from the same initial weights and data stream.
+
+    Returns {method: {step: [MMD^2 per seed]}} and {method: [off_sphere of the final samples per seed]}. MMD^2 compares
+    num_eval samples (sample_steps Euler steps) with as many held-out points, on unit tokens (x / R). alpha = 1:
+    RAE's shift formula targets large latents and would give 0.125 here. tangent=True trains RFM with the projected
+    loss (the rfm_loss ablation).
     """
     curves = {"rfm": {}, "fm": {}}
-    off_sphere = []
+    final_off_sphere = {"rfm": [], "fm": []}
     for seed in seeds:
         g = torch.Generator().manual_seed(seed)
         centers = F.normalize(torch.randn(classes, channels, tokens, generator=g), dim=1)
         held_out = toy_data(num_eval, centers, radius, g)
-        init = ToyMLP(channels, tokens).state_dict()
+        with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the caller's RNG
+            torch.manual_seed(seed)
+            init = ToyMLP(channels, tokens)
         for method in ("rfm", "fm"):
-            euclidean = method == "fm"
-            model = ToyMLP(channels, tokens)
-            model.load_state_dict(init)
+            model = copy.deepcopy(init)
             opt = torch.optim.Adam(model.parameters(), lr=1e-3)
             g_train = torch.Generator().manual_seed(seed + 1000)
             for step in range(1, steps + 1):
                 loss = rfm_loss(model, toy_data(batch, centers, radius, g_train), None, radius, alpha,
-                                euclidean=euclidean, generator=g_train)
+                                euclidean=method == "fm", tangent=tangent and method == "rfm", generator=g_train)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 if step % eval_every == 0 or step == steps:
-                    g_eval = torch.Generator().manual_seed(seed + 2000)
-                    if euclidean:
-                        noise = torch.randn(num_eval, channels, tokens, generator=g_eval)
-                        samples = sample_euler(model, noise, alpha, sample_steps)
-                    else:
-                        noise = sample_noise((num_eval, channels, tokens), radius, g_eval)
-                        samples = sample_euler_proj(model, noise, radius, alpha, sample_steps)
+                    samples = toy_samples(model, method, num_eval, channels, tokens, radius, alpha, sample_steps,
+                                          torch.Generator().manual_seed(seed + 2000))
                     curves[method].setdefault(step, []).append(mmd2(samples / radius, held_out / radius))
-            if euclidean:
-                off_sphere.append((samples.norm(dim=1) / radius - 1).abs().mean().item())
-    return curves, off_sphere
+            final_off_sphere[method].append(off_sphere(samples, radius))
+    return curves, final_off_sphere
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Toy check: RFM vs Euclidean FM on 4 tokens on S^15 (SPEC §4).")
+    parser = argparse.ArgumentParser(description="Toy check of the paper's convergence claim (abstract): Riemannian "
+                                                 "vs Euclidean flow matching on 4 tokens on S^15.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=500, help="training steps per run")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--sample-steps", type=int, default=32)
+    parser.add_argument("--tangent-loss", action="store_true",
+                        help="train RFM on the tangent projection of the output (ablation; default: Eq. 14 as written)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads: the toy MLP is too small to gain from more, and a busy CPU slows them")
     args = parser.parse_args()
@@ -360,7 +379,8 @@ def main():
         parser.error("--steps, --eval-every, --sample-steps and --threads must be >= 1")
     torch.set_num_threads(args.threads)
 
-    curves, off_sphere = toy_study(args.seeds, args.steps, args.eval_every, sample_steps=args.sample_steps)
+    curves, final_off_sphere = toy_study(args.seeds, args.steps, args.eval_every, sample_steps=args.sample_steps,
+                                         tangent=args.tangent_loss)
     print(f"MMD^2 vs held-out data, mean over seeds {args.seeds} (per-seed values in brackets)")
     print(f"{'step':>6} {'RFM':>10} {'FM':>10} {'RFM/FM':>8}")
     for step in curves["rfm"]:
@@ -368,7 +388,9 @@ def main():
         mean_rfm, mean_fm = sum(rfm) / len(rfm), sum(fm) / len(fm)
         print(f"{step:>6} {mean_rfm:>10.5f} {mean_fm:>10.5f} {mean_rfm / mean_fm:>8.3f}   "
               f"[{', '.join(f'{v:.4f}' for v in rfm)}] [{', '.join(f'{v:.4f}' for v in fm)}]")
-    print(f"FM samples off the sphere: mean | ||x||/R - 1 | = {sum(off_sphere) / len(off_sphere):.3f}")
+    for method, name in (("rfm", "RFM"), ("fm", "FM")):
+        values = final_off_sphere[method]
+        print(f"{name} samples off the sphere: mean | ||x||/R - 1 | = {sum(values) / len(values):.3g}")
 
 
 if __name__ == "__main__":
