@@ -166,32 +166,41 @@ def time_grid(steps, alpha):
 # Loss (Eq. 14)
 # ---------------------------------------------------------------------------------------------------------------------
 
-def rfm_loss(model, x_data, y, radius, alpha, *, euclidean=False, tangent=False, generator=None):
-    """Flow-matching loss; model(x_t, t, y) predicts the velocity dx_t/dt.
+def flow_matching_loss(model, x_data, x_noise, t, y, radius, *, euclidean=False, tangent=False):
+    """Flow-matching loss for given noise and times; model(x_t, t, y) predicts the velocity dx_t/dt.
 
-    Riemannian (default): uniform noise on the sphere, geodesic path, and Eq. 14 as written, E||v - u_t||^2 on the raw
-    network output v, taken as the per-element mean of (v - u_t)^2 (mean over tokens of ||v - u_t||^2 / C, RAE's
-    scale, which gradient clipping at 1.0 assumes). The network is thus also taught to keep its output tangent.
-    tangent=True is an ablation: it regresses P_{x_t} v, blind to the radial part that the samplers discard anyway.
-    euclidean=True is the ablation baseline: Gaussian prior N(0, I) (tokens of norm ~ sqrt(C) = R), straight path,
-    target x_noise - x_data, raw network output.
+    Riemannian (default): geodesic path from x_data to x_noise (points of the spheres) and Eq. 14 as written,
+    E||v - u_t||^2 on the raw network output v, taken as the per-element mean of (v - u_t)^2 (mean over tokens of
+    ||v - u_t||^2 / C, RAE's scale, which gradient clipping at 1.0 assumes). The network is thus also taught to keep its
+    output tangent. tangent=True is an ablation: it regresses P_{x_t} v, blind to the radial part that the samplers
+    discard anyway. euclidean=True is the ablation baseline: Gaussian noise, straight path, target x_noise - x_data.
     """
     _check_latent(x_data, "x_data")
     if euclidean and tangent:
         raise ValueError("tangent=True projects onto the sphere's tangent spaces; the Euclidean baseline has no sphere")
     # The path needs at least float32 (bf16 latents would blur angles near 0 and pi).
-    x_data = x_data.to(torch.promote_types(x_data.dtype, torch.float32))
-    t = sample_time(x_data.shape[0], alpha, generator, x_data.device).to(x_data.dtype)
+    dtype = torch.promote_types(x_data.dtype, torch.float32)
+    x_data, x_noise, t = x_data.to(dtype), x_noise.to(dtype), t.to(dtype)
     if euclidean:
-        x_noise = torch.randn(x_data.shape, generator=generator, device=x_data.device, dtype=x_data.dtype)
         x_t, target = linear_path(x_data, x_noise, t)
     else:
-        x_noise = sample_noise(x_data.shape, radius, generator, x_data.device, x_data.dtype)
-        x_t, target = geodesic_path(x_data, x_noise, t, radius, generator)
+        x_t, target = geodesic_path(x_data, x_noise, t, radius)
     v = model(x_t, t, y)
     if tangent:
         v = project_tangent(x_t, v, radius)
     return ((v - target) ** 2).mean()  # Eq. 14
+
+
+def rfm_loss(model, x_data, y, radius, alpha, *, euclidean=False, tangent=False, generator=None):
+    """flow_matching_loss with t ~ shifted logit-normal and noise uniform on the spheres (Gaussian for euclidean=True)
+    drawn from `generator` (the trainer draws them per sample instead: train_dit.draw_time_and_noise)."""
+    dtype = torch.promote_types(x_data.dtype, torch.float32)
+    t = sample_time(x_data.shape[0], alpha, generator, x_data.device)
+    if euclidean:
+        x_noise = torch.randn(x_data.shape, generator=generator, device=x_data.device, dtype=dtype)
+    else:
+        x_noise = sample_noise(x_data.shape, radius, generator, x_data.device, dtype)
+    return flow_matching_loss(model, x_data, x_noise, t, y, radius, euclidean=euclidean, tangent=tangent)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -396,14 +405,3 @@ def main():
 if __name__ == "__main__":
     main()
 
-
-def flow_matching_loss(model, x_data, x_noise, t, y, radius, euclidean=False, tangent=False):  # TEMP until merge
-    x_data = x_data.to(torch.promote_types(x_data.dtype, torch.float32))
-    if euclidean:
-        x_t, target = linear_path(x_data, x_noise, t)
-    else:
-        x_t, target = geodesic_path(x_data, x_noise, t, radius)
-    v = model(x_t, t, y)
-    if tangent:
-        v = project_tangent(x_t, v, radius)
-    return ((v - target) ** 2).mean()
