@@ -44,9 +44,9 @@ def default_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast(device):
+def precision(device):
     """bf16 on CUDA; fp32 on CPU, where bf16 is emulated and slower."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return "bf16" if device.type == "cuda" else "fp32"
 
 
 #################################################################################
@@ -65,8 +65,10 @@ def extract_features(ae, loader, device, progress=True):
     vit, stem = ae.encoder.vit, ae.encoder.stem
     feats = {"teacher": [], "student": [], "labels": []}
     for x, y, _ in tqdm(loader, desc="features", disable=not progress, dynamic_ncols=True):
+        if not len(x):  # every image of the batch was unreadable
+            continue
         x = imagenet_normalize(x.to(device))
-        with autocast(device):
+        with tu.autocast(device, precision(device)):
             feats["teacher"].append(probe_feature(vit.forward_features(x)).cpu())
             feats["student"].append(probe_feature(vit.features_from_patches(stem(x))).cpu())
         feats["labels"].append(y)
@@ -168,7 +170,7 @@ def pca_maps(ae, images, path):
     x = images.to(device)
     p = ae.encoder.vit.patch_size
     h, w = x.shape[2] // p, x.shape[3] // p
-    with autocast(device):
+    with tu.autocast(device, precision(device)):
         z_t, z_s = ae.encoder.teacher_tokens(x), ae.encoder.student_tokens(x)
     teacher = pca_rgb(z_t, h, w)
     student = align_signs(pca_rgb(z_s, h, w), teacher)
@@ -182,11 +184,6 @@ def pca_maps(ae, images, path):
 #                           Magnitude invariance                                #
 #################################################################################
 
-def to_uint8(x):
-    """[-1, 1] images [B, 3, H, W] -> uint8 [B, H, W, 3] as samples are saved (SPEC §5): exact for dataset images."""
-    return (127.5 * x.float() + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-
-
 @torch.no_grad()
 def magnitude_psnr(ae, images, factors, batch_size=32, progress=True):
     """Mean PSNR of decoder(z · factor) against images [N, 3, H, W] in [-1, 1], for each factor -> {factor: psnr}."""
@@ -196,10 +193,10 @@ def magnitude_psnr(ae, images, factors, batch_size=32, progress=True):
     values = {float(f): [] for f in factors}
     for x in tqdm(images.split(batch_size), desc="magnitude", disable=not progress, dynamic_ncols=True):
         x = x.to(device)
-        with autocast(device):
+        with tu.autocast(device, precision(device)):
             z = ae.encoder.encode(x)
             for f in values:
-                values[f].append(psnr(to_uint8(ae.decoder(z * f)), to_uint8(x)).cpu())
+                values[f].append(psnr(tu.to_uint8(ae.decoder(z * f)), tu.to_uint8(x)))
     return {f: torch.cat(v).mean().item() for f, v in values.items()}
 
 
@@ -223,7 +220,7 @@ def eval_loader(dataset, args):
 def spread_images(dataset, n, args):
     """n images evenly spaced over the dataset (every class of a sorted ImageFolder gets a turn) -> [n', 3, H, W]."""
     idx = torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().long().unique().tolist()
-    return torch.cat([x for x, _, _ in eval_loader(torch.utils.data.Subset(dataset, idx), args)])
+    return torch.cat([x for x, _, _ in eval_loader(torch.utils.data.Subset(dataset, idx), args) if len(x)])
 
 
 def load_ae(args, device):

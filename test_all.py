@@ -1950,7 +1950,7 @@ def test_magnitude_psnr_factor_one_is_reconstruction_psnr(tmp_path):
     assert list(result) == [0.5, 1.0, 2.0]
     with torch.no_grad():
         x_hat = ae(images)["x_hat"]
-    expected = psnr(probe.to_uint8(x_hat), probe.to_uint8(images)).mean().item()
+    expected = psnr(tu.to_uint8(x_hat), tu.to_uint8(images)).mean().item()
     assert result[1.0] == pytest.approx(expected, abs=1e-6)
     assert result[0.5] != result[1.0]  # the decoder does see the magnitude
 
@@ -1958,7 +1958,7 @@ def test_magnitude_psnr_factor_one_is_reconstruction_psnr(tmp_path):
 def test_to_uint8_inverts_dataset_scaling():
     u = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
     x = u.float() / 127.5 - 1  # ImageFolderDataset's scaling
-    assert torch.equal(probe.to_uint8(x), u.permute(0, 2, 3, 1))
+    assert torch.equal(tu.to_uint8(x), u.permute(0, 2, 3, 1))
 
 
 def test_linear_cli_tiny_end_to_end(tmp_path, capsys):
