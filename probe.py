@@ -1,6 +1,6 @@
-"""Semantic preservation of the DINO-SAE encoder (paper Fig. 4 and its linear probe; SPEC §5): does the student —
-the frozen DINOv3 transformer fed by the trained conv stem — still carry the teacher's semantics, and how does the
-decoder respond to latents off the sphere it was trained on?
+"""Semantic preservation and magnitude invariance of a trained DINO-SAE: does the student (the frozen DINOv3
+transformer fed by the trained conv stem) still carry the teacher's semantics (paper Fig. 4 and its linear probe),
+and how much of an image does the decoder take from the magnitude of z_S rather than from its direction (§3.4)?
 
   linear     linear probe top-1/top-5 on frozen teacher vs student features (paper: 89% -> 87% on ImageNet). Feature of
              an image (the standard DINO linear-probe feature): the normed cls token concatenated with the mean of the
@@ -14,11 +14,10 @@ decoder respond to latents off the sphere it was trained on?
              patch tokens of all the shown images together (so colours are comparable across rows); the top-3
              components, each min-max scaled over those tokens, are the RGB channels; each student channel is
              sign-aligned with the teacher's; maps are upsampled with nearest to the image size.
-  magnitude  decode z·s for each factor s and report the PSNR of the decoded images against the originals. The
-             decoder is trained only on the sphere of radius R (SPEC §2.1, D1), so this measures how much of the
-             image the direction alone carries when the magnitude is wrong (the paper's magnitude-invariance view).
+  magnitude  decode z·s for each factor s and report the PSNR of the decoded images against the originals: how
+             much of the image the decoder takes from the magnitude of z_S (§3.4's magnitude invariance).
 
-PSNR is per image on uint8 images (peak 255), averaged (SPEC §5, fid.psnr). Usage:
+PSNR is per image on uint8 images (peak 255), averaged (fid.psnr). Usage:
 
     python probe.py linear --ae runs/ae/stage4 --train-data /data/imagenet/train --val-data /data/imagenet/val
     python probe.py pca --ae runs/ae/stage4 --data /data/imagenet/val --out pca_maps.png
@@ -37,7 +36,7 @@ from tqdm import tqdm
 import train_utils as tu
 from fid import psnr
 from model import imagenet_normalize
-from train_ae import load_autoencoder
+from train_ae import image_size, load_autoencoder
 
 
 def default_device():
@@ -204,11 +203,11 @@ def magnitude_psnr(ae, images, factors, batch_size=32, progress=True):
 #                                     CLI                                       #
 #################################################################################
 
-def image_dataset(folder, config, num_synthetic, seed):
-    """An image folder (ADM center crop to the AE's size) or, without one (tiny preset), synthetic images."""
+def image_dataset(folder, preset, num_synthetic, seed):
+    """An image folder (ADM center crop to the preset's size) or, without one (tiny preset), synthetic images."""
     if folder:
-        return tu.ImageFolderDataset(folder, config["image_size"])
-    return tu.SyntheticImages(num_items=num_synthetic, image_size=config["image_size"], seed=seed)
+        return tu.ImageFolderDataset(folder, image_size(preset))
+    return tu.SyntheticImages(num_items=num_synthetic, image_size=image_size(preset), seed=seed)
 
 
 def eval_loader(dataset, args):
@@ -217,52 +216,68 @@ def eval_loader(dataset, args):
                                        num_workers=args.num_workers, collate_fn=tu.collate_skip)
 
 
+def spread(n, total):
+    """n indices evenly spaced over range(total): every class of a sorted ImageFolder gets a turn."""
+    return torch.linspace(0, total - 1, min(n, total)).round().long().unique().tolist()
+
+
 def spread_images(dataset, n, args):
-    """n images evenly spaced over the dataset (every class of a sorted ImageFolder gets a turn) -> [n', 3, H, W]."""
-    idx = torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().long().unique().tolist()
-    return torch.cat([x for x, _, _ in eval_loader(torch.utils.data.Subset(dataset, idx), args) if len(x)])
+    """n images evenly spaced over the dataset, the unreadable ones dropped -> [n', 3, H, W]."""
+    batches = [x for x, _, _ in eval_loader(torch.utils.data.Subset(dataset, spread(n, len(dataset))), args) if len(x)]
+    if not batches:
+        raise tu.DataError(f"none of the {min(n, len(dataset))} images picked from the data set could be read")
+    return torch.cat(batches)
 
 
 def load_ae(args, device):
-    if not os.path.exists(args.ae):
-        raise FileNotFoundError(f"no autoencoder checkpoint at {args.ae}: train one with train_ae.py (stages 1-4; "
-                                "--preset tiny writes runs/tiny/ae/stage4) or pass --ae")
     ae, state = load_autoencoder(args.ae, device, dino_weights=args.dino_weights)
-    return ae, state["config"]
+    if state["config"]["image_size"] != image_size(args.preset):
+        raise tu.DataError(f"--ae {state['path']} works on {state['config']['image_size']}px images, not the "
+                           f"{image_size(args.preset)}px of --preset {args.preset}")
+    return ae, state
 
 
-def report(result, args):
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+def write_json(result, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(json.dumps(result, indent=2) + "\n")
 
 
-def run_linear(args, ae, config, device):
-    train = image_dataset(args.train_data, config, args.num_images, seed=args.seed)
-    val = image_dataset(args.val_data, config, max(args.num_images // 4, 8), seed=args.seed + 1)
+def run_linear(args, device):
+    train = image_dataset(args.train_data, args.preset, args.num_images, seed=args.seed)
+    val = image_dataset(args.val_data, args.preset, max(args.num_images // 4, 8), seed=args.seed + 1)
     if args.train_data and (train.classes != val.classes or len(train.classes) < 2):
-        raise ValueError(f"{args.train_data} and {args.val_data} must have the same class subfolders, at least 2 "
-                         f"(found {len(train.classes)} and {len(val.classes)}): labels are the sorted subfolder names")
-    report(linear_probe(ae, eval_loader(train, args), eval_loader(val, args), device), args)
+        raise tu.DataError(f"{args.train_data} and {args.val_data} must have the same class subfolders, at least 2 "
+                           f"(found {len(train.classes)} and {len(val.classes)}): labels are the sorted subfolder "
+                           "names")
+    ae, _ = load_ae(args, device)
+    result = linear_probe(ae, eval_loader(train, args), eval_loader(val, args), device)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        write_json(result, args.json)
 
 
-def run_pca(args, ae, config, device):
-    images = spread_images(image_dataset(args.data, config, args.num_images, args.seed), args.num_images, args)
+def run_pca(args, device):
+    dataset = image_dataset(args.data, args.preset, args.num_images, args.seed)
+    ae, _ = load_ae(args, device)
+    images = spread_images(dataset, args.num_images, args)
     pca_maps(ae, images, args.out)
     print(f"saved PCA maps of {len(images)} images (image | teacher | student) to {args.out}")
 
 
-def run_magnitude(args, ae, config, device):
-    images = spread_images(image_dataset(args.data, config, args.num_images, args.seed), args.num_images, args)
+def run_magnitude(args, device):
+    dataset = image_dataset(args.data, args.preset, args.num_images, args.seed)
+    ae, _ = load_ae(args, device)
+    images = spread_images(dataset, args.num_images, args)
     result = magnitude_psnr(ae, images, args.factors, batch_size=args.batch_size)
-    report({"psnr": {str(f): v for f, v in result.items()}, "num_images": len(images)}, args)
+    result = {"psnr": {str(f): v for f, v in result.items()}, "num_images": len(images)}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        write_json(result, args.json)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tu.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--ae", help="train_ae.py checkpoint file or stage folder (default runs/ae/stage4, "
@@ -270,8 +285,8 @@ def parse_args(argv=None):
     common.add_argument("--preset", choices=["full", "tiny"], default="full",
                         help="tiny: the tiny AE and, without image folders, synthetic images with their class labels")
     common.add_argument("--dino-weights", help="DINOv3 file, when it is no longer where the checkpoint's config says")
-    common.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    common.add_argument("--num-workers", type=int, default=8)
+    common.add_argument("--batch-size", type=int, default=64, help="images per forward pass (tiny: 32)")
+    common.add_argument("--num-workers", type=int, default=8, help="data loader workers (tiny: 0)")
     common.add_argument("--seed", type=int, default=0)
     linear = sub.add_parser("linear", parents=[common], help="linear probe, teacher vs student (JSON)")
     linear.add_argument("--train-data", help="ImageFolder with class subfolders (ImageNet train)")
@@ -289,27 +304,40 @@ def parse_args(argv=None):
     magnitude.add_argument("--json", help="also write the result to this file")
     args = p.parse_args(argv)
     if args.preset == "tiny":
-        defaults = dict(batch_size=32, num_workers=0)
-        for key, value in defaults.items():
-            if getattr(args, key) == sub.choices[args.command].get_default(key):
-                setattr(args, key, value)
+        tu.apply_preset(sub.choices[args.command], args, "tiny preset", dict(batch_size=32, num_workers=0))
     args.ae = args.ae or ("runs/tiny/ae/stage4" if args.preset == "tiny" else "runs/ae/stage4")
-    if args.batch_size < 1 or args.num_images < 1:
-        raise ValueError("--batch-size and --num-images must be positive")
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Refuse flags that cannot work and inputs that are not there, before any model is loaded."""
+    magnitude = args.command == "magnitude"
+    for name in ("batch_size", "num_images"):
+        value = getattr(args, name)
+        if value < 1:
+            raise tu.UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.num_workers < 0:
+        raise tu.UsageError(f"--num-workers must be at least 0, got {args.num_workers}")
+    if magnitude and (min(args.factors) <= 0 or len(set(args.factors)) < len(args.factors)):
+        given = " ".join(f"{k:g}" for k in args.factors)
+        raise tu.UsageError(f"--factors must be distinct and positive, got {given}")
     folders = [args.train_data, args.val_data] if args.command == "linear" else [args.data]
     if any(folders) and not all(folders):
-        raise ValueError("give both --train-data and --val-data (or neither, with --preset tiny)")
+        raise tu.UsageError("give both --train-data and --val-data (or neither, with --preset tiny)")
     if args.preset == "full" and not all(folders):
-        raise ValueError("an image folder is required (--data, or --train-data and --val-data) unless --preset tiny")
-    return args
+        raise tu.UsageError("an image folder is required (--data, or --train-data and --val-data) unless --preset "
+                            "tiny")
+    if not os.path.exists(args.ae):
+        raise tu.MissingFileError(f"no autoencoder checkpoint at {args.ae}: train one with train_ae.py (stages 1-4; "
+                                  "--preset tiny writes runs/tiny/ae/stage4) or pass --ae")
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = default_device()
-    ae, config = load_ae(args, device)
-    {"linear": run_linear, "pca": run_pca, "magnitude": run_magnitude}[args.command](args, ae, config, device)
+    {"linear": run_linear, "pca": run_pca, "magnitude": run_magnitude}[args.command](args, device)
 
 
 if __name__ == "__main__":
-    main()
+    tu.cli(main)

@@ -1975,21 +1975,56 @@ def test_linear_cli_tiny_end_to_end(probe_ae, tmp_path, capsys):
     probe.main(["linear", "--preset", "tiny", "--ae", probe_ae[0], "--num-images", "32", "--json", out])
     with open(out) as f:
         result = json.load(f)
-    assert result == json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    assert result == json.loads(printed[printed.index("{"):])  # after the tiny preset's line
     assert (result["num_train"], result["num_val"]) == (32, 8)
     assert result["feature_dim"] == 2 * 128
     for name in ("teacher", "student"):
         assert 0 <= result[name]["top1"] <= result[name]["top5"] <= 1
 
 
-def test_cli_errors(probe_ae, tmp_path):
+def _probe_class_folder(root, classes):
+    for c in classes:
+        os.makedirs(os.path.join(root, c))
+        Image.new("RGB", (8, 8)).save(os.path.join(root, c, "a.png"))
+    return str(root)
+
+
+def test_cli_errors(probe_ae, tmp_path, monkeypatch, capsys):
     folder = probe_ae[0]
-    with pytest.raises(FileNotFoundError, match="no autoencoder checkpoint"):
-        probe.main(["magnitude", "--preset", "tiny", "--ae", str(tmp_path / "missing")])
-    with pytest.raises(ValueError, match="image folder is required"):
-        probe.main(["pca", "--ae", folder])
-    with pytest.raises(ValueError, match="both --train-data and --val-data"):
-        probe.main(["linear", "--preset", "tiny", "--ae", folder, "--train-data", str(tmp_path)])
+    train = _probe_class_folder(tmp_path / "train", ["cat", "dog"])
+    val = _probe_class_folder(tmp_path / "val", ["cat", "emu"])
+    tiny = ["--preset", "tiny", "--ae", folder]
+    cases = [
+        (["magnitude", "--preset", "tiny", "--ae", str(tmp_path / "missing")], tu.MissingFileError,
+         "no autoencoder checkpoint"),
+        (["pca", "--ae", folder], tu.UsageError, "image folder is required"),
+        (["linear", *tiny, "--train-data", train], tu.UsageError, "both --train-data and --val-data"),
+        (["magnitude", *tiny, "--batch-size", "0"], tu.UsageError, "--batch-size must be at least 1, got 0"),
+        (["magnitude", *tiny, "--factors", "0.5", "-1"], tu.UsageError, "--factors must be distinct and positive"),
+        (["magnitude", *tiny, "--factors", "2", "2"], tu.UsageError, "--factors must be distinct and positive"),
+        (["pca", *tiny, "--num-workers", "-1"], tu.UsageError, "--num-workers"),
+        (["pca", *tiny, "--bogus"], tu.UsageError, "unrecognized arguments: --bogus"),
+        (["magnitude", "--ae", folder, "--data", str(tmp_path / "nowhere")], tu.MissingFileError, "does not exist"),
+        (["linear", "--ae", folder, "--train-data", train, "--val-data", val], tu.DataError, "same class subfolders"),
+    ]
+    monkeypatch.setattr(probe, "load_autoencoder", lambda *a, **k: pytest.fail("a model was loaded"))
+    for argv, error, message in cases:
+        with pytest.raises(error, match=message):
+            probe.main(argv)
+    with pytest.raises(SystemExit) as stop:
+        tu.cli(lambda: probe.main(["magnitude", *tiny, "--batch-size", "0"]))
+    assert stop.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_cli_errors_are_one_line_from_the_shell(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "probe.py"), "magnitude", "--preset", "tiny", "--ae",
+                           str(tmp_path / "missing")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"probe.py: error: no autoencoder checkpoint at {tmp_path / 'missing'}"
+                                                ": train one with train_ae.py (stages 1-4; --preset tiny writes "
+                                                "runs/tiny/ae/stage4) or pass --ae"]
 
 
 _GEN_CACHE = {}
