@@ -14,14 +14,21 @@ and how much of an image does the decoder take from the magnitude of z_S rather 
              patch tokens of all the shown images together (so colours are comparable across rows); the top-3
              components, each min-max scaled over those tokens, are the RGB channels; each student channel is
              sign-aligned with the teacher's; maps are upsampled with nearest to the image size.
-  magnitude  decode z·s for each factor s and report the PSNR of the decoded images against the originals: how
-             much of the image the decoder takes from the magnitude of z_S (§3.4's magnitude invariance).
+  magnitude  §3.4 reports, as an observation on the trained autoencoder, that its reconstructions are "largely
+             invariant to the magnitude of latent features"; §3.2 and §5 credit the magnitude, left free by the cosine
+             alignment loss, for fine detail. Both are measured here: PSNR and LPIPS against the originals of decoding
+             z_S itself (the reconstruction), its direction alone at the mean token norm, ρ·z_S/‖z_S‖ per token (what
+             the generator's latents decode to), and k·z_S for k = 0.5, 0.75, 1.25, 1.5, 2. The k rows against the
+             z_S row show how much a global change of magnitude costs; the direction row's gap to the z_S row is what
+             the per-token magnitudes carry, and what generation from the spheres gives up. Printed as a table,
+             written as JSON (--json) and as a PNG with the originals above one row per setting.
 
-PSNR is per image on uint8 images (peak 255), averaged (fid.psnr). Usage:
+PSNR is per image on uint8 images (peak 255), averaged (fid.psnr); LPIPS (VGG) is on the same uint8 images, as
+fid.py computes it. Usage:
 
     python probe.py linear --ae runs/ae/stage4 --train-data /data/imagenet/train --val-data /data/imagenet/val
     python probe.py pca --ae runs/ae/stage4 --data /data/imagenet/val --out pca_maps.png
-    python probe.py magnitude --ae runs/ae/stage4 --data /data/imagenet/val --factors 0.5 1 2 4
+    python probe.py magnitude --ae runs/ae/stage4 --data /data/imagenet/val --json magnitude.json --out magnitude.png
     python probe.py linear --preset tiny      # tiny AE of `train_ae.py --preset tiny`, synthetic images and labels
 """
 import argparse
@@ -35,6 +42,7 @@ from tqdm import tqdm
 
 import train_utils as tu
 from fid import psnr
+from losses import build_lpips, vgg16_cache_path
 from model import imagenet_normalize
 from train_ae import image_size, load_autoencoder
 
@@ -180,23 +188,69 @@ def pca_maps(ae, images, path):
 
 
 #################################################################################
-#                           Magnitude invariance                                #
+#                           Magnitude invariance (§3.4)                         #
 #################################################################################
 
+MAGNITUDE_FACTORS = (0.5, 0.75, 1.25, 1.5, 2.0)
+
+
+def decode_magnitudes(ae, x, factors=MAGNITUDE_FACTORS):
+    """Images x [B, 3, H, W] in [-1, 1] -> {setting: decoded images [B, 3, H, W]}, in the order of the table."""
+    z = ae.encoder.encode(x)
+    decoded = {"z_S": ae.decoder(z),
+               # through the generator's own image -> sphere -> image functions, so this row is what samples become
+               "rho*z_S/|z_S|": ae.decode_sphere(ae.encode_sphere(x))}
+    for k in factors:
+        decoded[f"{k:g}*z_S"] = ae.decoder(k * z)
+    return decoded
+
+
+def as_pixels(images):
+    """uint8 [B, H, W, 3] -> [-1, 1] float [B, 3, H, W], the inverse of tu.to_uint8 on the 256 levels."""
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 @torch.no_grad()
-def magnitude_psnr(ae, images, factors, batch_size=32, progress=True):
-    """Mean PSNR of decoder(z · factor) against images [N, 3, H, W] in [-1, 1], for each factor -> {factor: psnr}."""
-    if not len(factors):
-        raise ValueError("magnitude_psnr needs at least one factor")
+def magnitude_table(ae, images, lpips_net=None, factors=MAGNITUDE_FACTORS, batch_size=32, progress=True):
+    """PSNR and, given an LPIPS net on the autoencoder's device, LPIPS against images [N, 3, H, W] in [-1, 1] of each
+    setting of decode_magnitudes, averaged over the images -> a JSON-serialisable dict: settings {name: {psnr,
+    lpips (None without lpips_net)}}, rho, radius, num_images."""
     device = next(ae.decoder.parameters()).device
-    values = {float(f): [] for f in factors}
+    scores = {}
     for x in tqdm(images.split(batch_size), desc="magnitude", disable=not progress, dynamic_ncols=True):
         x = x.to(device)
         with tu.autocast(device, precision(device)):
-            z = ae.encoder.encode(x)
-            for f in values:
-                values[f].append(psnr(tu.to_uint8(ae.decoder(z * f)), tu.to_uint8(x)))
-    return {f: torch.cat(v).mean().item() for f, v in values.items()}
+            decoded = decode_magnitudes(ae, x, factors)
+        original = tu.to_uint8(x)  # metrics on the images as they would be saved
+        for name, x_hat in decoded.items():
+            row = scores.setdefault(name, {"psnr": [], "lpips": []})
+            x_hat = tu.to_uint8(x_hat)
+            row["psnr"].append(psnr(x_hat, original))
+            if lpips_net is not None:
+                row["lpips"].append(lpips_net(as_pixels(x_hat).to(device), as_pixels(original).to(device)).cpu())
+    mean = lambda values: torch.cat(values).double().mean().item() if values else None
+    settings = {name: {"psnr": mean(row["psnr"]), "lpips": mean(row["lpips"])} for name, row in scores.items()}
+    return {"settings": settings, "rho": float(ae.rho), "radius": ae.radius, "num_images": len(images)}
+
+
+@torch.no_grad()
+def magnitude_grid(ae, images, path, factors=MAGNITUDE_FACTORS):
+    """Save the originals above one row per setting of decode_magnitudes (one column per image) to `path` -> the
+    grid's images [(1 + settings)·B, 3, H, W]."""
+    device = next(ae.decoder.parameters()).device
+    with tu.autocast(device, precision(device)):
+        decoded = decode_magnitudes(ae, images.to(device), factors)
+    grid = torch.cat([images.float().cpu(), *(x_hat.float().cpu() for x_hat in decoded.values())])
+    tu.save_image_grid(grid, path, nrow=len(images))
+    return grid
+
+
+def format_table(table):
+    lines = [f"{'setting':<14} | {'PSNR (dB)':>9} | {'LPIPS':>6}"]
+    for name, row in table["settings"].items():
+        lpips = "-" if row["lpips"] is None else f"{row['lpips']:.4f}"
+        lines.append(f"{name:<14} | {row['psnr']:>9.2f} | {lpips:>6}")
+    return "\n".join(lines)
 
 
 #################################################################################
@@ -237,6 +291,17 @@ def load_ae(args, device):
     return ae, state
 
 
+def build_lpips_for(args, device):
+    """-> (LPIPS net or None, what it is: said next to every LPIPS number)."""
+    if args.random_lpips:
+        torch.manual_seed(args.seed)  # the same random trunk, so the same numbers, on every run
+        return build_lpips(pretrained=False).to(device), "random VGG16 trunk (--random-lpips): a plumbing check only"
+    if os.path.isfile(vgg16_cache_path()):
+        return build_lpips(pretrained=True).to(device), "pretrained VGG16"
+    return None, (f"not computed: no VGG16 file at {vgg16_cache_path()} (--random-lpips: a random trunk, for "
+                  "plumbing checks only)")
+
+
 def write_json(result, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -267,13 +332,20 @@ def run_pca(args, device):
 
 def run_magnitude(args, device):
     dataset = image_dataset(args.data, args.preset, args.num_images, args.seed)
-    ae, _ = load_ae(args, device)
+    ae, state = load_ae(args, device)
+    if ae.rho is None:
+        raise tu.DataError(f"--ae {state['path']} has no mean token norm rho: it predates train_ae.py measuring it; "
+                           "train or resume the stage once more to write it")
+    lpips_net, lpips_kind = build_lpips_for(args, device)
     images = spread_images(dataset, args.num_images, args)
-    result = magnitude_psnr(ae, images, args.factors, batch_size=args.batch_size)
-    result = {"psnr": {str(f): v for f, v in result.items()}, "num_images": len(images)}
-    print(json.dumps(result, indent=2))
+    table = dict(magnitude_table(ae, images, lpips_net, args.factors, args.batch_size), lpips_net=lpips_kind)
+    print(format_table(table))
+    print(f"{table['num_images']} images; rho = {table['rho']:.4f}, R = {table['radius']:.4f}; LPIPS: {lpips_kind}")
+    shown = images[spread(args.show, len(images))]
+    magnitude_grid(ae, shown, args.out, args.factors)
+    print(f"saved {args.out}: {len(shown)} images; rows: originals, {', '.join(table['settings'])}")
     if args.json:
-        write_json(result, args.json)
+        write_json(table, args.json)
 
 
 def parse_args(argv=None):
@@ -297,11 +369,18 @@ def parse_args(argv=None):
     pca.add_argument("--data", help="image folder")
     pca.add_argument("--out", default="pca_maps.png")
     pca.add_argument("--num-images", type=int, default=8)
-    magnitude = sub.add_parser("magnitude", parents=[common], help="PSNR of decoded z·factor (JSON)")
+    magnitude = sub.add_parser("magnitude", parents=[common],
+                               help="PSNR, LPIPS of decoding z_S, its direction at norm rho, and k·z_S (table, PNG)")
     magnitude.add_argument("--data", help="image folder (e.g. ImageNet val)")
-    magnitude.add_argument("--factors", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
-    magnitude.add_argument("--num-images", type=int, default=256)
-    magnitude.add_argument("--json", help="also write the result to this file")
+    magnitude.add_argument("--factors", type=float, nargs="+", default=list(MAGNITUDE_FACTORS), metavar="K",
+                           help="the k of the k·z_S rows")
+    magnitude.add_argument("--num-images", type=int, default=256, help="images the table averages over")
+    magnitude.add_argument("--show", type=int, default=8, help="images (columns) in the PNG")
+    magnitude.add_argument("--out", default="magnitude.png")
+    magnitude.add_argument("--random-lpips", action="store_true",
+                           help="LPIPS with a random VGG trunk: plumbing checks only (default: the pretrained VGG16 "
+                                "when its file is in the torch hub cache, else no LPIPS)")
+    magnitude.add_argument("--json", help="also write the table to this file")
     args = p.parse_args(argv)
     if args.preset == "tiny":
         tu.apply_preset(sub.choices[args.command], args, "tiny preset", dict(batch_size=32, num_workers=0))
@@ -313,7 +392,7 @@ def parse_args(argv=None):
 def check_args(args):
     """Refuse flags that cannot work and inputs that are not there, before any model is loaded."""
     magnitude = args.command == "magnitude"
-    for name in ("batch_size", "num_images"):
+    for name in ["batch_size", "num_images"] + (["show"] if magnitude else []):
         value = getattr(args, name)
         if value < 1:
             raise tu.UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

@@ -1881,6 +1881,45 @@ def _probe_images(n, seed=0):
     return torch.stack([data[i][0] for i in range(n)])
 
 
+def _probe_uint8_levels(x):
+    """[-1, 1] images -> their saved 8-bit levels clamp(127.5x + 128) truncated, as float64 [B, 3, H, W]."""
+    return (127.5 * x.float() + 128).clamp(0, 255).floor().double()
+
+
+def _probe_psnr(a, b):
+    """10·log10(255² / MSE) per image on the 8-bit levels, averaged over the images."""
+    mse = (_probe_uint8_levels(a) - _probe_uint8_levels(b)).square().flatten(1).mean(1)
+    return (10 * torch.log10(255 ** 2 / mse)).mean().item()
+
+
+def _probe_l1_levels(a, b):
+    """Mean absolute difference of the 8-bit levels, on the [-1, 1] scale, averaged over the images."""
+    return ((_probe_uint8_levels(a) - _probe_uint8_levels(b)).abs().flatten(1).mean(1) / 127.5).mean().item()
+
+
+class _ProbeL1(nn.Module):
+    """A stand-in for LPIPS (per-image mean |a - b|): cheap, and known exactly, so the LPIPS column can be checked."""
+
+    def __init__(self, pretrained=True):
+        super().__init__()
+        self.pretrained = pretrained
+
+    def forward(self, a, b):
+        return (a - b).abs().flatten(1).mean(1)
+
+
+_PROBE_SETTINGS = ["z_S", "rho*z_S/|z_S|", "0.5*z_S", "0.75*z_S", "1.25*z_S", "1.5*z_S", "2*z_S"]
+
+
+def _probe_decoded_by_hand(ae, images, rho):
+    """The magnitude experiment's latents decoded without probe.py or DinoSAE.decode_sphere -> {setting: images}."""
+    with torch.no_grad():
+        z = ae.encoder.encode(images)
+        decoded = {"z_S": ae(images)["x_hat"], "rho*z_S/|z_S|": ae.decoder(rho * z / z.norm(dim=1, keepdim=True))}
+        decoded.update({f"{k:g}*z_S": ae.decoder(k * z) for k in (0.5, 0.75, 1.25, 1.5, 2.0)})
+    return decoded
+
+
 def test_linear_probe_separable_features_reach_top1_one():
     g = torch.Generator().manual_seed(0)
 
@@ -1950,16 +1989,105 @@ def test_pca_maps_writes_grid_png(probe_ae, tmp_path):
     assert torch.equal(maps, maps[:, :, ::patch, ::patch].repeat_interleave(patch, 2).repeat_interleave(patch, 3))
 
 
-def test_magnitude_psnr_factor_one_is_reconstruction_psnr(probe_ae):
-    ae, _ = load_autoencoder(probe_ae[0])
+def test_magnitude_table_rows_are_the_settings_decoded_by_hand(probe_ae):
+    folder, rho = probe_ae
+    ae, _ = load_autoencoder(folder)
     images = _probe_images(4)
-    result = probe.magnitude_psnr(ae, images, [0.5, 1, 2], batch_size=2, progress=False)
-    assert list(result) == [0.5, 1.0, 2.0]
+    table = probe.magnitude_table(ae, images, lpips_net=_ProbeL1(), batch_size=3, progress=False)  # batches 3 + 1
+    assert list(table["settings"]) == _PROBE_SETTINGS
+    # Other batch sizes move a few pixels across a rounding edge (a few 1e-6 dB); the tiny random decoder makes all
+    # rows noise-like, ~9.3 dB, so the rows a wrong latent would give are only ~2e-3 dB away (checked below).
+    decoded = _probe_decoded_by_hand(ae, images, rho)
+    expected = {name: _probe_psnr(x_hat, images) for name, x_hat in decoded.items()}
+    for name, x_hat in decoded.items():
+        assert table["settings"][name]["psnr"] == pytest.approx(expected[name], abs=5e-5), name
+        assert table["settings"][name]["lpips"] == pytest.approx(_probe_l1_levels(x_hat, images), abs=2e-6), name
+    assert table["rho"] == pytest.approx(rho) and table["radius"] == math.sqrt(128) and table["num_images"] == 4
+    assert json.loads(json.dumps(table)) == table
+    with torch.no_grad():
+        z = ae.encoder.encode(images)
+        at_radius = _probe_psnr(ae.decoder(math.sqrt(128) * z / z.norm(dim=1, keepdim=True)), images)
+    assert abs(expected["rho*z_S/|z_S|"] - at_radius) > 1e-3 and abs(expected["rho*z_S/|z_S|"] - expected["z_S"]) > 1e-3
+
+
+def test_magnitude_direction_row_is_decoded_at_rho(probe_ae):
+    # The tiny model's measured rho is close to R and to every token norm; at a rho of 2R, forgetting the rescale or
+    # decoding z_S instead of its direction is a tenth of a dB away.
+    ae, _ = load_autoencoder(probe_ae[0])
+    ae.rho = 2 * math.sqrt(128)
+    images = _probe_images(4)
+    row = probe.magnitude_table(ae, images, factors=[], progress=False)["settings"]["rho*z_S/|z_S|"]
+    with torch.no_grad():
+        z = ae.encoder.encode(images)
+        direction = z / z.norm(dim=1, keepdim=True)
+        expected, at_radius, z_s = (_probe_psnr(ae.decoder(x), images) for x in (ae.rho * direction,
+                                                                                  math.sqrt(128) * direction, z))
+    assert row["psnr"] == pytest.approx(expected, abs=5e-5)
+    assert abs(expected - at_radius) > 0.05 and abs(expected - z_s) > 0.05
+
+
+def test_magnitude_table_without_lpips_and_without_rho(probe_ae):
+    ae, _ = load_autoencoder(probe_ae[0])
+    table = probe.magnitude_table(ae, _probe_images(2), factors=[3.0], progress=False)
+    assert list(table["settings"]) == ["z_S", "rho*z_S/|z_S|", "3*z_S"]
+    assert all(row["lpips"] is None for row in table["settings"].values())
+    ae.rho = None
+    with pytest.raises(ValueError, match="rho"):
+        probe.magnitude_table(ae, _probe_images(2), progress=False)
+
+
+def test_magnitude_grid_png_has_originals_then_one_row_per_setting(probe_ae, tmp_path):
+    folder, rho = probe_ae
+    ae, _ = load_autoencoder(folder)
+    images = _probe_images(3)
+    path = str(tmp_path / "grid" / "magnitude.png")
+    grid = probe.magnitude_grid(ae, images, path)
+    size = TINY_CONFIG["image_size"]
+    with Image.open(path) as im:
+        assert im.size == (3 * (size + 2) + 2, 8 * (size + 2) + 2)  # 3 columns, originals + 7 settings
+    assert grid.shape == (24, 3, size, size)
+    assert torch.equal(grid[:3], images)
+    expected = _probe_decoded_by_hand(ae, images, rho)
+    for row, name in enumerate(_PROBE_SETTINGS, start=1):
+        torch.testing.assert_close(grid[3 * row:3 * row + 3], expected[name], atol=1e-4, rtol=0, msg=name)
+
+
+def test_magnitude_lpips_net_is_pretrained_when_its_file_is_there_else_random_on_request(tmp_path, monkeypatch):
+    monkeypatch.setattr(probe, "build_lpips", _ProbeL1)
+    vgg = tmp_path / "vgg16.pth"
+    monkeypatch.setattr(probe, "vgg16_cache_path", lambda: str(vgg))
+    net, kind = probe.build_lpips_for(argparse.Namespace(random_lpips=False, seed=0), torch.device("cpu"))
+    assert net is None and kind.startswith("not computed") and str(vgg) in kind
+    net, kind = probe.build_lpips_for(argparse.Namespace(random_lpips=True, seed=0), torch.device("cpu"))
+    assert net.pretrained is False and "plumbing" in kind
+    vgg.write_bytes(b"")
+    net, kind = probe.build_lpips_for(argparse.Namespace(random_lpips=False, seed=0), torch.device("cpu"))
+    assert net.pretrained is True and kind == "pretrained VGG16"
+
+
+def test_magnitude_cli_tiny_end_to_end(probe_ae, tmp_path, monkeypatch, capsys):
+    folder, rho = probe_ae
+    monkeypatch.setattr(probe, "build_lpips", _ProbeL1)
+    out, png = str(tmp_path / "m.json"), str(tmp_path / "m.png")
+    probe.main(["magnitude", "--preset", "tiny", "--ae", folder, "--num-images", "6", "--show", "4", "--random-lpips",
+                "--json", out, "--out", png])
+    with open(out) as f:
+        result = json.load(f)
+    assert set(result) == {"settings", "rho", "radius", "num_images", "lpips_net"}
+    assert list(result["settings"]) == _PROBE_SETTINGS and result["num_images"] == 6
+    assert result["rho"] == pytest.approx(rho) and "plumbing" in result["lpips_net"]
+    ae, _ = load_autoencoder(folder)
+    images = _probe_images(6)  # the tiny preset's synthetic images, all 6 in order
+    z_s = result["settings"]["z_S"]
     with torch.no_grad():
         x_hat = ae(images)["x_hat"]
-    expected = psnr(tu.to_uint8(x_hat), tu.to_uint8(images)).mean().item()
-    assert result[1.0] == pytest.approx(expected, abs=1e-6)
-    assert result[0.5] != result[1.0]  # the decoder does see the magnitude
+    assert z_s["psnr"] == pytest.approx(_probe_psnr(x_hat, images), abs=1e-4)
+    assert z_s["lpips"] == pytest.approx(_probe_l1_levels(x_hat, images), abs=1e-6)
+    printed = capsys.readouterr().out
+    assert f"z_S            | {z_s['psnr']:9.2f} | {z_s['lpips']:.4f}" in printed
+    assert printed.index("rho*z_S/|z_S|") < printed.index("0.5*z_S") < printed.index("2*z_S")
+    with Image.open(png) as im:
+        assert im.size == (4 * 66 + 2, 8 * 66 + 2)
 
 
 def test_to_uint8_inverts_dataset_scaling():
@@ -2001,6 +2129,7 @@ def test_cli_errors(probe_ae, tmp_path, monkeypatch, capsys):
         (["pca", "--ae", folder], tu.UsageError, "image folder is required"),
         (["linear", *tiny, "--train-data", train], tu.UsageError, "both --train-data and --val-data"),
         (["magnitude", *tiny, "--batch-size", "0"], tu.UsageError, "--batch-size must be at least 1, got 0"),
+        (["magnitude", *tiny, "--show", "0"], tu.UsageError, "--show must be at least 1"),
         (["magnitude", *tiny, "--factors", "0.5", "-1"], tu.UsageError, "--factors must be distinct and positive"),
         (["magnitude", *tiny, "--factors", "2", "2"], tu.UsageError, "--factors must be distinct and positive"),
         (["pca", *tiny, "--num-workers", "-1"], tu.UsageError, "--num-workers"),
@@ -2015,6 +2144,14 @@ def test_cli_errors(probe_ae, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         tu.cli(lambda: probe.main(["magnitude", *tiny, "--batch-size", "0"]))
     assert stop.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_magnitude_cli_refuses_a_checkpoint_without_rho(probe_ae, tmp_path):
+    state, _ = tu.load_checkpoint(probe_ae[0], "dino-sae-ae", "--ae")
+    folder = str(tmp_path / "old")
+    tu.CheckpointManager(folder).save(dict(state, rho=None), 0)
+    with pytest.raises(tu.DataError, match="no mean token norm rho"):
+        probe.main(["magnitude", "--preset", "tiny", "--ae", folder, "--num-images", "2"])
 
 
 @pytest.mark.slow
