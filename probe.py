@@ -1,6 +1,6 @@
-"""Semantic preservation of the DINO-SAE encoder (paper Fig. 4 and its linear probe; SPEC §5): does the student —
-the frozen DINOv3 transformer fed by the trained conv stem — still carry the teacher's semantics, and how does the
-decoder respond to latents off the sphere it was trained on?
+"""Semantic preservation and magnitude invariance of a trained DINO-SAE: does the student (the frozen DINOv3
+transformer fed by the trained conv stem) still carry the teacher's semantics (paper Fig. 4 and its linear probe),
+and how much of an image does the decoder take from the magnitude of z_S rather than from its direction (§3.4)?
 
   linear     linear probe top-1/top-5 on frozen teacher vs student features (paper: 89% -> 87% on ImageNet). Feature of
              an image (the standard DINO linear-probe feature): the normed cls token concatenated with the mean of the
@@ -14,15 +14,21 @@ decoder respond to latents off the sphere it was trained on?
              patch tokens of all the shown images together (so colours are comparable across rows); the top-3
              components, each min-max scaled over those tokens, are the RGB channels; each student channel is
              sign-aligned with the teacher's; maps are upsampled with nearest to the image size.
-  magnitude  decode z·s for each factor s and report the PSNR of the decoded images against the originals. The
-             decoder is trained only on the sphere of radius R (SPEC §2.1, D1), so this measures how much of the
-             image the direction alone carries when the magnitude is wrong (the paper's magnitude-invariance view).
+  magnitude  §3.4 reports, as an observation on the trained autoencoder, that its reconstructions are "largely
+             invariant to the magnitude of latent features"; §3.2 and §5 credit the magnitude, left free by the cosine
+             alignment loss, for fine detail. Both are measured here: PSNR and LPIPS against the originals of decoding
+             z_S itself (the reconstruction), its direction alone at the mean token norm, ρ·z_S/‖z_S‖ per token (what
+             the generator's latents decode to), and k·z_S for k = 0.5, 0.75, 1.25, 1.5, 2. The k rows against the
+             z_S row show how much a global change of magnitude costs; the direction row's gap to the z_S row is what
+             the per-token magnitudes carry, and what generation from the spheres gives up. Printed as a table,
+             written as JSON (--json) and as a PNG with the originals above one row per setting.
 
-PSNR is per image on uint8 images (peak 255), averaged (SPEC §5, fid.psnr). Usage:
+PSNR is per image on uint8 images (peak 255), averaged (fid.psnr); LPIPS (VGG) is on the same uint8 images, as
+fid.py computes it. Usage:
 
     python probe.py linear --ae runs/ae/stage4 --train-data /data/imagenet/train --val-data /data/imagenet/val
     python probe.py pca --ae runs/ae/stage4 --data /data/imagenet/val --out pca_maps.png
-    python probe.py magnitude --ae runs/ae/stage4 --data /data/imagenet/val --factors 0.5 1 2 4
+    python probe.py magnitude --ae runs/ae/stage4 --data /data/imagenet/val --json magnitude.json --out magnitude.png
     python probe.py linear --preset tiny      # tiny AE of `train_ae.py --preset tiny`, synthetic images and labels
 """
 import argparse
@@ -36,17 +42,18 @@ from tqdm import tqdm
 
 import train_utils as tu
 from fid import psnr
+from losses import build_lpips, vgg16_cache_path
 from model import imagenet_normalize
-from train_ae import load_autoencoder
+from train_ae import image_size, load_autoencoder
 
 
 def default_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast(device):
+def precision(device):
     """bf16 on CUDA; fp32 on CPU, where bf16 is emulated and slower."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return "bf16" if device.type == "cuda" else "fp32"
 
 
 #################################################################################
@@ -65,8 +72,10 @@ def extract_features(ae, loader, device, progress=True):
     vit, stem = ae.encoder.vit, ae.encoder.stem
     feats = {"teacher": [], "student": [], "labels": []}
     for x, y, _ in tqdm(loader, desc="features", disable=not progress, dynamic_ncols=True):
+        if not len(x):  # every image of the batch was unreadable
+            continue
         x = imagenet_normalize(x.to(device))
-        with autocast(device):
+        with tu.autocast(device, precision(device)):
             feats["teacher"].append(probe_feature(vit.forward_features(x)).cpu())
             feats["student"].append(probe_feature(vit.features_from_patches(stem(x))).cpu())
         feats["labels"].append(y)
@@ -168,7 +177,7 @@ def pca_maps(ae, images, path):
     x = images.to(device)
     p = ae.encoder.vit.patch_size
     h, w = x.shape[2] // p, x.shape[3] // p
-    with autocast(device):
+    with tu.autocast(device, precision(device)):
         z_t, z_s = ae.encoder.teacher_tokens(x), ae.encoder.student_tokens(x)
     teacher = pca_rgb(z_t, h, w)
     student = align_signs(pca_rgb(z_s, h, w), teacher)
@@ -179,39 +188,80 @@ def pca_maps(ae, images, path):
 
 
 #################################################################################
-#                           Magnitude invariance                                #
+#                           Magnitude invariance (§3.4)                         #
 #################################################################################
 
-def to_uint8(x):
-    """[-1, 1] images [B, 3, H, W] -> uint8 [B, H, W, 3] as samples are saved (SPEC §5): exact for dataset images."""
-    return (127.5 * x.float() + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+MAGNITUDE_FACTORS = (0.5, 0.75, 1.25, 1.5, 2.0)
+
+
+def decode_magnitudes(ae, x, factors=MAGNITUDE_FACTORS):
+    """Images x [B, 3, H, W] in [-1, 1] -> {setting: decoded images [B, 3, H, W]}, in the order of the table."""
+    z = ae.encoder.encode(x)
+    decoded = {"z_S": ae.decoder(z),
+               # through the generator's own image -> sphere -> image functions, so this row is what samples become
+               "rho*z_S/|z_S|": ae.decode_sphere(ae.encode_sphere(x))}
+    for k in factors:
+        decoded[f"{k:g}*z_S"] = ae.decoder(k * z)
+    return decoded
+
+
+def as_pixels(images):
+    """uint8 [B, H, W, 3] -> [-1, 1] float [B, 3, H, W], the inverse of tu.to_uint8 on the 256 levels."""
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 @torch.no_grad()
-def magnitude_psnr(ae, images, factors, batch_size=32, progress=True):
-    """Mean PSNR of decoder(z · factor) against images [N, 3, H, W] in [-1, 1], for each factor -> {factor: psnr}."""
-    if not len(factors):
-        raise ValueError("magnitude_psnr needs at least one factor")
+def magnitude_table(ae, images, lpips_net=None, factors=MAGNITUDE_FACTORS, batch_size=32, progress=True):
+    """PSNR and, given an LPIPS net on the autoencoder's device, LPIPS against images [N, 3, H, W] in [-1, 1] of each
+    setting of decode_magnitudes, averaged over the images -> a JSON-serialisable dict: settings {name: {psnr,
+    lpips (None without lpips_net)}}, rho, radius, num_images."""
     device = next(ae.decoder.parameters()).device
-    values = {float(f): [] for f in factors}
+    scores = {}
     for x in tqdm(images.split(batch_size), desc="magnitude", disable=not progress, dynamic_ncols=True):
         x = x.to(device)
-        with autocast(device):
-            z = ae.encoder.encode(x)
-            for f in values:
-                values[f].append(psnr(to_uint8(ae.decoder(z * f)), to_uint8(x)).cpu())
-    return {f: torch.cat(v).mean().item() for f, v in values.items()}
+        with tu.autocast(device, precision(device)):
+            decoded = decode_magnitudes(ae, x, factors)
+        original = tu.to_uint8(x)  # metrics on the images as they would be saved
+        for name, x_hat in decoded.items():
+            row = scores.setdefault(name, {"psnr": [], "lpips": []})
+            x_hat = tu.to_uint8(x_hat)
+            row["psnr"].append(psnr(x_hat, original))
+            if lpips_net is not None:
+                row["lpips"].append(lpips_net(as_pixels(x_hat).to(device), as_pixels(original).to(device)).cpu())
+    mean = lambda values: torch.cat(values).double().mean().item() if values else None
+    settings = {name: {"psnr": mean(row["psnr"]), "lpips": mean(row["lpips"])} for name, row in scores.items()}
+    return {"settings": settings, "rho": float(ae.rho), "radius": ae.radius, "num_images": len(images)}
+
+
+@torch.no_grad()
+def magnitude_grid(ae, images, path, factors=MAGNITUDE_FACTORS):
+    """Save the originals above one row per setting of decode_magnitudes (one column per image) to `path` -> the
+    grid's images [(1 + settings)·B, 3, H, W]."""
+    device = next(ae.decoder.parameters()).device
+    with tu.autocast(device, precision(device)):
+        decoded = decode_magnitudes(ae, images.to(device), factors)
+    grid = torch.cat([images.float().cpu(), *(x_hat.float().cpu() for x_hat in decoded.values())])
+    tu.save_image_grid(grid, path, nrow=len(images))
+    return grid
+
+
+def format_table(table):
+    lines = [f"{'setting':<14} | {'PSNR (dB)':>9} | {'LPIPS':>6}"]
+    for name, row in table["settings"].items():
+        lpips = "-" if row["lpips"] is None else f"{row['lpips']:.4f}"
+        lines.append(f"{name:<14} | {row['psnr']:>9.2f} | {lpips:>6}")
+    return "\n".join(lines)
 
 
 #################################################################################
 #                                     CLI                                       #
 #################################################################################
 
-def image_dataset(folder, config, num_synthetic, seed):
-    """An image folder (ADM center crop to the AE's size) or, without one (tiny preset), synthetic images."""
+def image_dataset(folder, preset, num_synthetic, seed):
+    """An image folder (ADM center crop to the preset's size) or, without one (tiny preset), synthetic images."""
     if folder:
-        return tu.ImageFolderDataset(folder, config["image_size"])
-    return tu.SyntheticImages(num_items=num_synthetic, image_size=config["image_size"], seed=seed)
+        return tu.ImageFolderDataset(folder, image_size(preset))
+    return tu.SyntheticImages(num_items=num_synthetic, image_size=image_size(preset), seed=seed)
 
 
 def eval_loader(dataset, args):
@@ -220,52 +270,86 @@ def eval_loader(dataset, args):
                                        num_workers=args.num_workers, collate_fn=tu.collate_skip)
 
 
+def spread(n, total):
+    """n indices evenly spaced over range(total): every class of a sorted ImageFolder gets a turn."""
+    return torch.linspace(0, total - 1, min(n, total)).round().long().unique().tolist()
+
+
 def spread_images(dataset, n, args):
-    """n images evenly spaced over the dataset (every class of a sorted ImageFolder gets a turn) -> [n', 3, H, W]."""
-    idx = torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().long().unique().tolist()
-    return torch.cat([x for x, _, _ in eval_loader(torch.utils.data.Subset(dataset, idx), args)])
+    """n images evenly spaced over the dataset, the unreadable ones dropped -> [n', 3, H, W]."""
+    batches = [x for x, _, _ in eval_loader(torch.utils.data.Subset(dataset, spread(n, len(dataset))), args) if len(x)]
+    if not batches:
+        raise tu.DataError(f"none of the {min(n, len(dataset))} images picked from the data set could be read")
+    return torch.cat(batches)
 
 
 def load_ae(args, device):
-    if not os.path.exists(args.ae):
-        raise FileNotFoundError(f"no autoencoder checkpoint at {args.ae}: train one with train_ae.py (stages 1-4; "
-                                "--preset tiny writes runs/tiny/ae/stage4) or pass --ae")
     ae, state = load_autoencoder(args.ae, device, dino_weights=args.dino_weights)
-    return ae, state["config"]
+    if state["config"]["image_size"] != image_size(args.preset):
+        raise tu.DataError(f"--ae {state['path']} works on {state['config']['image_size']}px images, not the "
+                           f"{image_size(args.preset)}px of --preset {args.preset}")
+    return ae, state
 
 
-def report(result, args):
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+def build_lpips_for(args, device):
+    """-> (LPIPS net or None, what it is: said next to every LPIPS number)."""
+    if args.random_lpips:
+        torch.manual_seed(args.seed)  # the same random trunk, so the same numbers, on every run
+        return build_lpips(pretrained=False).to(device), "random VGG16 trunk (--random-lpips): a plumbing check only"
+    if os.path.isfile(vgg16_cache_path()):
+        return build_lpips(pretrained=True).to(device), "pretrained VGG16"
+    return None, (f"not computed: no VGG16 file at {vgg16_cache_path()} (--random-lpips: a random trunk, for "
+                  "plumbing checks only)")
 
 
-def run_linear(args, ae, config, device):
-    train = image_dataset(args.train_data, config, args.num_images, seed=args.seed)
-    val = image_dataset(args.val_data, config, max(args.num_images // 4, 8), seed=args.seed + 1)
+def write_json(result, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(json.dumps(result, indent=2) + "\n")
+
+
+def run_linear(args, device):
+    train = image_dataset(args.train_data, args.preset, args.num_images, seed=args.seed)
+    val = image_dataset(args.val_data, args.preset, max(args.num_images // 4, 8), seed=args.seed + 1)
     if args.train_data and (train.classes != val.classes or len(train.classes) < 2):
-        raise ValueError(f"{args.train_data} and {args.val_data} must have the same class subfolders, at least 2 "
-                         f"(found {len(train.classes)} and {len(val.classes)}): labels are the sorted subfolder names")
-    report(linear_probe(ae, eval_loader(train, args), eval_loader(val, args), device), args)
+        raise tu.DataError(f"{args.train_data} and {args.val_data} must have the same class subfolders, at least 2 "
+                           f"(found {len(train.classes)} and {len(val.classes)}): labels are the sorted subfolder "
+                           "names")
+    ae, _ = load_ae(args, device)
+    result = linear_probe(ae, eval_loader(train, args), eval_loader(val, args), device)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        write_json(result, args.json)
 
 
-def run_pca(args, ae, config, device):
-    images = spread_images(image_dataset(args.data, config, args.num_images, args.seed), args.num_images, args)
+def run_pca(args, device):
+    dataset = image_dataset(args.data, args.preset, args.num_images, args.seed)
+    ae, _ = load_ae(args, device)
+    images = spread_images(dataset, args.num_images, args)
     pca_maps(ae, images, args.out)
     print(f"saved PCA maps of {len(images)} images (image | teacher | student) to {args.out}")
 
 
-def run_magnitude(args, ae, config, device):
-    images = spread_images(image_dataset(args.data, config, args.num_images, args.seed), args.num_images, args)
-    result = magnitude_psnr(ae, images, args.factors, batch_size=args.batch_size)
-    report({"psnr": {str(f): v for f, v in result.items()}, "num_images": len(images)}, args)
+def run_magnitude(args, device):
+    dataset = image_dataset(args.data, args.preset, args.num_images, args.seed)
+    ae, state = load_ae(args, device)
+    if ae.rho is None:
+        raise tu.DataError(f"--ae {state['path']} has no mean token norm rho: it predates train_ae.py measuring it; "
+                           "train or resume the stage once more to write it")
+    lpips_net, lpips_kind = build_lpips_for(args, device)
+    images = spread_images(dataset, args.num_images, args)
+    table = dict(magnitude_table(ae, images, lpips_net, args.factors, args.batch_size), lpips_net=lpips_kind)
+    print(format_table(table))
+    print(f"{table['num_images']} images; rho = {table['rho']:.4f}, R = {table['radius']:.4f}; LPIPS: {lpips_kind}")
+    shown = images[spread(args.show, len(images))]
+    magnitude_grid(ae, shown, args.out, args.factors)
+    print(f"saved {args.out}: {len(shown)} images; rows: originals, {', '.join(table['settings'])}")
+    if args.json:
+        write_json(table, args.json)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tu.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--ae", help="train_ae.py checkpoint file or stage folder (default runs/ae/stage4, "
@@ -273,8 +357,8 @@ def parse_args(argv=None):
     common.add_argument("--preset", choices=["full", "tiny"], default="full",
                         help="tiny: the tiny AE and, without image folders, synthetic images with their class labels")
     common.add_argument("--dino-weights", help="DINOv3 file, when it is no longer where the checkpoint's config says")
-    common.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    common.add_argument("--num-workers", type=int, default=8)
+    common.add_argument("--batch-size", type=int, default=64, help="images per forward pass (tiny: 32)")
+    common.add_argument("--num-workers", type=int, default=8, help="data loader workers (tiny: 0)")
     common.add_argument("--seed", type=int, default=0)
     linear = sub.add_parser("linear", parents=[common], help="linear probe, teacher vs student (JSON)")
     linear.add_argument("--train-data", help="ImageFolder with class subfolders (ImageNet train)")
@@ -285,34 +369,54 @@ def parse_args(argv=None):
     pca.add_argument("--data", help="image folder")
     pca.add_argument("--out", default="pca_maps.png")
     pca.add_argument("--num-images", type=int, default=8)
-    magnitude = sub.add_parser("magnitude", parents=[common], help="PSNR of decoded z·factor (JSON)")
+    magnitude = sub.add_parser("magnitude", parents=[common],
+                               help="PSNR, LPIPS of decoding z_S, its direction at norm rho, and k·z_S (table, PNG)")
     magnitude.add_argument("--data", help="image folder (e.g. ImageNet val)")
-    magnitude.add_argument("--factors", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
-    magnitude.add_argument("--num-images", type=int, default=256)
-    magnitude.add_argument("--json", help="also write the result to this file")
+    magnitude.add_argument("--factors", type=float, nargs="+", default=list(MAGNITUDE_FACTORS), metavar="K",
+                           help="the k of the k·z_S rows")
+    magnitude.add_argument("--num-images", type=int, default=256, help="images the table averages over")
+    magnitude.add_argument("--show", type=int, default=8, help="images (columns) in the PNG")
+    magnitude.add_argument("--out", default="magnitude.png")
+    magnitude.add_argument("--random-lpips", action="store_true",
+                           help="LPIPS with a random VGG trunk: plumbing checks only (default: the pretrained VGG16 "
+                                "when its file is in the torch hub cache, else no LPIPS)")
+    magnitude.add_argument("--json", help="also write the table to this file")
     args = p.parse_args(argv)
     if args.preset == "tiny":
-        defaults = dict(batch_size=32, num_workers=0)
-        for key, value in defaults.items():
-            if getattr(args, key) == sub.choices[args.command].get_default(key):
-                setattr(args, key, value)
+        tu.apply_preset(sub.choices[args.command], args, "tiny preset", dict(batch_size=32, num_workers=0))
     args.ae = args.ae or ("runs/tiny/ae/stage4" if args.preset == "tiny" else "runs/ae/stage4")
-    if args.batch_size < 1 or args.num_images < 1:
-        raise ValueError("--batch-size and --num-images must be positive")
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Refuse flags that cannot work and inputs that are not there, before any model is loaded."""
+    magnitude = args.command == "magnitude"
+    for name in ["batch_size", "num_images"] + (["show"] if magnitude else []):
+        value = getattr(args, name)
+        if value < 1:
+            raise tu.UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.num_workers < 0:
+        raise tu.UsageError(f"--num-workers must be at least 0, got {args.num_workers}")
+    if magnitude and (min(args.factors) <= 0 or len(set(args.factors)) < len(args.factors)):
+        given = " ".join(f"{k:g}" for k in args.factors)
+        raise tu.UsageError(f"--factors must be distinct and positive, got {given}")
     folders = [args.train_data, args.val_data] if args.command == "linear" else [args.data]
     if any(folders) and not all(folders):
-        raise ValueError("give both --train-data and --val-data (or neither, with --preset tiny)")
+        raise tu.UsageError("give both --train-data and --val-data (or neither, with --preset tiny)")
     if args.preset == "full" and not all(folders):
-        raise ValueError("an image folder is required (--data, or --train-data and --val-data) unless --preset tiny")
-    return args
+        raise tu.UsageError("an image folder is required (--data, or --train-data and --val-data) unless --preset "
+                            "tiny")
+    if not os.path.exists(args.ae):
+        raise tu.MissingFileError(f"no autoencoder checkpoint at {args.ae}: train one with train_ae.py (stages 1-4; "
+                                  "--preset tiny writes runs/tiny/ae/stage4) or pass --ae")
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = default_device()
-    ae, config = load_ae(args, device)
-    {"linear": run_linear, "pca": run_pca, "magnitude": run_magnitude}[args.command](args, ae, config, device)
+    {"linear": run_linear, "pca": run_pca, "magnitude": run_magnitude}[args.command](args, device)
 
 
 if __name__ == "__main__":
-    main()
+    tu.cli(main)

@@ -2296,21 +2296,68 @@ def test_fid_cli_user_error_is_one_line(tmp_path):
                                         "(--allow-size-mismatch computes it anyway)"]
 
 
-def _probe_tiny_checkpoint(tmp_path):
-    """A random tiny DINO-SAE saved in train_ae.py's checkpoint format -> its stage folder."""
+@pytest.fixture(scope="module")
+def probe_ae(tmp_path_factory):
+    """A random tiny DINO-SAE saved as train_ae.py saves it, with ρ measured as train_ae.py measures it (the mean token
+    norm of z_S) on 16 synthetic images -> (stage folder, ρ)."""
+    out = str(tmp_path_factory.mktemp("probe"))
+    args = train_ae.parse_args(["--stage", "4", "--preset", "tiny", "--out", out])
+    config = train_ae.build_config(args)
     torch.manual_seed(0)
-    config = dict(TINY_CONFIG, **make_tiny_weights(str(tmp_path / "weights")))
-    ae = build_autoencoder(config)
-    folder = str(tmp_path / "stage4")
-    state = dict(kind="dino-sae-ae", stage=4, config=config, stem=ae.encoder.stem.state_dict(),
-                 decoder=ae.decoder.state_dict())
+    ae = build_autoencoder(config).eval()
+    with torch.no_grad():
+        rho = ae.encoder(_probe_images(16, seed=5))["z_s"].norm(dim=-1).mean().item()
+    opt = torch.optim.AdamW(ae.decoder.parameters())
+    progress = dict(step=0, epoch=0, step_in_epoch=0, skipped_images=0, nonfinite_steps=0, tallies={})
+    state = dict(train_ae.checkpoint_state(args, config, ae, None, opt, None, rho), progress=progress,
+                 rng=tu.gather_rng_states(1))
+    folder = os.path.join(out, "stage4")
     tu.CheckpointManager(folder).save(state, 0)
-    return folder
+    return folder, rho
 
 
 def _probe_images(n, seed=0):
     data = tu.SyntheticImages(num_items=n, image_size=TINY_CONFIG["image_size"], seed=seed)
     return torch.stack([data[i][0] for i in range(n)])
+
+
+def _probe_uint8_levels(x):
+    """[-1, 1] images -> their saved 8-bit levels clamp(127.5x + 128) truncated, as float64 [B, 3, H, W]."""
+    return (127.5 * x.float() + 128).clamp(0, 255).floor().double()
+
+
+def _probe_psnr(a, b):
+    """10·log10(255² / MSE) per image on the 8-bit levels, averaged over the images."""
+    mse = (_probe_uint8_levels(a) - _probe_uint8_levels(b)).square().flatten(1).mean(1)
+    return (10 * torch.log10(255 ** 2 / mse)).mean().item()
+
+
+def _probe_l1_levels(a, b):
+    """Mean absolute difference of the 8-bit levels, on the [-1, 1] scale, averaged over the images."""
+    return ((_probe_uint8_levels(a) - _probe_uint8_levels(b)).abs().flatten(1).mean(1) / 127.5).mean().item()
+
+
+class _ProbeL1(nn.Module):
+    """A stand-in for LPIPS (per-image mean |a - b|): cheap, and known exactly, so the LPIPS column can be checked."""
+
+    def __init__(self, pretrained=True):
+        super().__init__()
+        self.pretrained = pretrained
+
+    def forward(self, a, b):
+        return (a - b).abs().flatten(1).mean(1)
+
+
+_PROBE_SETTINGS = ["z_S", "rho*z_S/|z_S|", "0.5*z_S", "0.75*z_S", "1.25*z_S", "1.5*z_S", "2*z_S"]
+
+
+def _probe_decoded_by_hand(ae, images, rho):
+    """The magnitude experiment's latents decoded without probe.py or DinoSAE.decode_sphere -> {setting: images}."""
+    with torch.no_grad():
+        z = ae.encoder.encode(images)
+        decoded = {"z_S": ae(images)["x_hat"], "rho*z_S/|z_S|": ae.decoder(rho * z / z.norm(dim=1, keepdim=True))}
+        decoded.update({f"{k:g}*z_S": ae.decoder(k * z) for k in (0.5, 0.75, 1.25, 1.5, 2.0)})
+    return decoded
 
 
 def test_linear_probe_separable_features_reach_top1_one():
@@ -2324,18 +2371,18 @@ def test_linear_probe_separable_features_reach_top1_one():
 
     (ft, yt), (fv, yv) = sample(200), sample(100)
     result = probe.train_linear_probe(ft, yt, fv, yv)
-    assert result["top1"] == 1.0
-    assert result["top5"] >= result["top1"]
+    assert result == {"top1": 1.0, "top5": 1.0}
 
 
-def test_linear_probe_random_labels_near_chance():
+def test_linear_probe_random_labels_at_chance():
+    # Val labels independent of everything the classifier saw: each val image is a hit with probability k/10 for
+    # top-k, so top-1 ~ Binomial(2000, 0.1)/2000 (sd 0.0067) and top-5 ~ Binomial(2000, 0.5)/2000 (sd 0.0112).
     g = torch.Generator().manual_seed(1)
-    ft, yt = torch.randn(400, 32, generator=g), torch.randint(0, 4, (400,), generator=g)
-    fv, yv = torch.randn(2000, 32, generator=g), torch.randint(0, 4, (2000,), generator=g)
+    ft, yt = torch.randn(400, 32, generator=g), torch.randint(0, 10, (400,), generator=g)
+    fv, yv = torch.randn(2000, 32, generator=g), torch.randint(0, 10, (2000,), generator=g)
     result = probe.train_linear_probe(ft, yt, fv, yv)
-    assert result["top1"] < 0.5
-    assert result["top5"] >= result["top1"]
-    assert result["top5"] == 1.0  # 4 classes: top-min(5, 4) always hits
+    assert abs(result["top1"] - 0.1) < 4 * 0.0067
+    assert abs(result["top5"] - 0.5) < 4 * 0.0112
 
 
 def test_linear_probe_rejects_bad_inputs():
@@ -2346,29 +2393,28 @@ def test_linear_probe_rejects_bad_inputs():
         probe.train_linear_probe(f, torch.zeros(10, dtype=torch.long), f, y)
 
 
-def test_pca_rgb_matches_svd_projection():
+def test_pca_rgb_is_the_min_max_scaled_svd_projection():
     g = torch.Generator().manual_seed(0)
     B, h, w, D = 2, 3, 4, 8
     tokens = torch.randn(B, h * w, D, generator=g) * torch.linspace(3, 0.2, D)  # distinct variances
     tokens = tokens @ torch.linalg.qr(torch.randn(D, D, generator=g))[0] + 5  # rotated and shifted
     rgb = probe.pca_rgb(tokens, h, w)
     assert rgb.shape == (B, 3, h, w)
-    assert rgb.min() >= 0 and rgb.max() <= 1
     x = tokens.reshape(-1, D).double()
     x = x - x.mean(0)
     _, _, vh = torch.linalg.svd(x, full_matrices=False)
     for c in range(3):
-        proj = x @ vh[c]
+        v = vh[c] * vh[c][vh[c].abs().argmax()].sign()  # the documented sign: the largest loading is positive
+        proj = x @ v
+        expected = (proj - proj.min()) / (proj.max() - proj.min())
         got = rgb[:, c].reshape(-1).double()  # row-major tokens, like the patch sequence
-        corr = np.corrcoef(proj.numpy(), got.numpy())[0, 1]
-        assert abs(corr) > 0.99
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="tokens"):
         probe.pca_rgb(tokens, h, w + 1)
 
 
-def test_pca_maps_writes_grid_png(tmp_path):
-    from PIL import Image
-    ae, _ = load_autoencoder(_probe_tiny_checkpoint(tmp_path))
+def test_pca_maps_writes_grid_png(probe_ae, tmp_path):
+    ae, _ = load_autoencoder(probe_ae[0])
     images = _probe_images(2)
     path = str(tmp_path / "maps" / "pca.png")
     grid = probe.pca_maps(ae, images, path)
@@ -2383,46 +2429,179 @@ def test_pca_maps_writes_grid_png(tmp_path):
     assert torch.equal(maps, maps[:, :, ::patch, ::patch].repeat_interleave(patch, 2).repeat_interleave(patch, 3))
 
 
-def test_magnitude_psnr_factor_one_is_reconstruction_psnr(tmp_path):
-    ae, _ = load_autoencoder(_probe_tiny_checkpoint(tmp_path))
+def test_magnitude_table_rows_are_the_settings_decoded_by_hand(probe_ae):
+    folder, rho = probe_ae
+    ae, _ = load_autoencoder(folder)
     images = _probe_images(4)
-    result = probe.magnitude_psnr(ae, images, [0.5, 1, 2], batch_size=2, progress=False)
-    assert list(result) == [0.5, 1.0, 2.0]
+    table = probe.magnitude_table(ae, images, lpips_net=_ProbeL1(), batch_size=3, progress=False)  # batches 3 + 1
+    assert list(table["settings"]) == _PROBE_SETTINGS
+    # Other batch sizes move a few pixels across a rounding edge (a few 1e-6 dB); the tiny random decoder makes all
+    # rows noise-like, ~9.3 dB, so the rows a wrong latent would give are only ~2e-3 dB away (checked below).
+    decoded = _probe_decoded_by_hand(ae, images, rho)
+    expected = {name: _probe_psnr(x_hat, images) for name, x_hat in decoded.items()}
+    for name, x_hat in decoded.items():
+        assert table["settings"][name]["psnr"] == pytest.approx(expected[name], abs=5e-5), name
+        assert table["settings"][name]["lpips"] == pytest.approx(_probe_l1_levels(x_hat, images), abs=2e-6), name
+    assert table["rho"] == pytest.approx(rho) and table["radius"] == math.sqrt(128) and table["num_images"] == 4
+    assert json.loads(json.dumps(table)) == table
+    with torch.no_grad():
+        z = ae.encoder.encode(images)
+        at_radius = _probe_psnr(ae.decoder(math.sqrt(128) * z / z.norm(dim=1, keepdim=True)), images)
+    assert abs(expected["rho*z_S/|z_S|"] - at_radius) > 1e-3 and abs(expected["rho*z_S/|z_S|"] - expected["z_S"]) > 1e-3
+
+
+def test_magnitude_direction_row_is_decoded_at_rho(probe_ae):
+    # The tiny model's measured rho is close to R and to every token norm; at a rho of 2R, forgetting the rescale or
+    # decoding z_S instead of its direction is a tenth of a dB away.
+    ae, _ = load_autoencoder(probe_ae[0])
+    ae.rho = 2 * math.sqrt(128)
+    images = _probe_images(4)
+    row = probe.magnitude_table(ae, images, factors=[], progress=False)["settings"]["rho*z_S/|z_S|"]
+    with torch.no_grad():
+        z = ae.encoder.encode(images)
+        direction = z / z.norm(dim=1, keepdim=True)
+        expected, at_radius, z_s = (_probe_psnr(ae.decoder(x), images) for x in (ae.rho * direction,
+                                                                                  math.sqrt(128) * direction, z))
+    assert row["psnr"] == pytest.approx(expected, abs=5e-5)
+    assert abs(expected - at_radius) > 0.05 and abs(expected - z_s) > 0.05
+
+
+def test_magnitude_table_without_lpips_and_without_rho(probe_ae):
+    ae, _ = load_autoencoder(probe_ae[0])
+    table = probe.magnitude_table(ae, _probe_images(2), factors=[3.0], progress=False)
+    assert list(table["settings"]) == ["z_S", "rho*z_S/|z_S|", "3*z_S"]
+    assert all(row["lpips"] is None for row in table["settings"].values())
+    ae.rho = None
+    with pytest.raises(ValueError, match="rho"):
+        probe.magnitude_table(ae, _probe_images(2), progress=False)
+
+
+def test_magnitude_grid_png_has_originals_then_one_row_per_setting(probe_ae, tmp_path):
+    folder, rho = probe_ae
+    ae, _ = load_autoencoder(folder)
+    images = _probe_images(3)
+    path = str(tmp_path / "grid" / "magnitude.png")
+    grid = probe.magnitude_grid(ae, images, path)
+    size = TINY_CONFIG["image_size"]
+    with Image.open(path) as im:
+        assert im.size == (3 * (size + 2) + 2, 8 * (size + 2) + 2)  # 3 columns, originals + 7 settings
+    assert grid.shape == (24, 3, size, size)
+    assert torch.equal(grid[:3], images)
+    expected = _probe_decoded_by_hand(ae, images, rho)
+    for row, name in enumerate(_PROBE_SETTINGS, start=1):
+        torch.testing.assert_close(grid[3 * row:3 * row + 3], expected[name], atol=1e-4, rtol=0, msg=name)
+
+
+def test_magnitude_lpips_net_is_pretrained_when_its_file_is_there_else_random_on_request(tmp_path, monkeypatch):
+    monkeypatch.setattr(probe, "build_lpips", _ProbeL1)
+    vgg = tmp_path / "vgg16.pth"
+    monkeypatch.setattr(probe, "vgg16_cache_path", lambda: str(vgg))
+    net, kind = probe.build_lpips_for(argparse.Namespace(random_lpips=False, seed=0), torch.device("cpu"))
+    assert net is None and kind.startswith("not computed") and str(vgg) in kind
+    net, kind = probe.build_lpips_for(argparse.Namespace(random_lpips=True, seed=0), torch.device("cpu"))
+    assert net.pretrained is False and "plumbing" in kind
+    vgg.write_bytes(b"")
+    net, kind = probe.build_lpips_for(argparse.Namespace(random_lpips=False, seed=0), torch.device("cpu"))
+    assert net.pretrained is True and kind == "pretrained VGG16"
+
+
+def test_magnitude_cli_tiny_end_to_end(probe_ae, tmp_path, monkeypatch, capsys):
+    folder, rho = probe_ae
+    monkeypatch.setattr(probe, "build_lpips", _ProbeL1)
+    out, png = str(tmp_path / "m.json"), str(tmp_path / "m.png")
+    probe.main(["magnitude", "--preset", "tiny", "--ae", folder, "--num-images", "6", "--show", "4", "--random-lpips",
+                "--json", out, "--out", png])
+    with open(out) as f:
+        result = json.load(f)
+    assert set(result) == {"settings", "rho", "radius", "num_images", "lpips_net"}
+    assert list(result["settings"]) == _PROBE_SETTINGS and result["num_images"] == 6
+    assert result["rho"] == pytest.approx(rho) and "plumbing" in result["lpips_net"]
+    ae, _ = load_autoencoder(folder)
+    images = _probe_images(6)  # the tiny preset's synthetic images, all 6 in order
+    z_s = result["settings"]["z_S"]
     with torch.no_grad():
         x_hat = ae(images)["x_hat"]
-    expected = psnr(probe.to_uint8(x_hat), probe.to_uint8(images)).mean().item()
-    assert result[1.0] == pytest.approx(expected, abs=1e-6)
-    assert result[0.5] != result[1.0]  # the decoder does see the magnitude
+    assert z_s["psnr"] == pytest.approx(_probe_psnr(x_hat, images), abs=1e-4)
+    assert z_s["lpips"] == pytest.approx(_probe_l1_levels(x_hat, images), abs=1e-6)
+    printed = capsys.readouterr().out
+    assert f"z_S            | {z_s['psnr']:9.2f} | {z_s['lpips']:.4f}" in printed
+    assert printed.index("rho*z_S/|z_S|") < printed.index("0.5*z_S") < printed.index("2*z_S")
+    with Image.open(png) as im:
+        assert im.size == (4 * 66 + 2, 8 * 66 + 2)
 
 
 def test_to_uint8_inverts_dataset_scaling():
     u = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
     x = u.float() / 127.5 - 1  # ImageFolderDataset's scaling
-    assert torch.equal(probe.to_uint8(x), u.permute(0, 2, 3, 1))
+    assert torch.equal(tu.to_uint8(x), u.permute(0, 2, 3, 1))
+    between = torch.tensor([-3.0, 0.3, 3.0]).view(1, 1, 1, 3)  # clamped, 127.5·0.3 + 128 = 166.25 truncated, clamped
+    assert tu.to_uint8(between).flatten().tolist() == [0, 166, 255]
 
 
-def test_linear_cli_tiny_end_to_end(tmp_path, capsys):
-    folder = _probe_tiny_checkpoint(tmp_path)
+def test_linear_cli_tiny_end_to_end(probe_ae, tmp_path, capsys):
     out = str(tmp_path / "linear.json")
-    probe.main(["linear", "--preset", "tiny", "--ae", folder, "--num-images", "32", "--json", out])
+    probe.main(["linear", "--preset", "tiny", "--ae", probe_ae[0], "--num-images", "32", "--json", out])
     with open(out) as f:
         result = json.load(f)
-    assert result == json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    assert result == json.loads(printed[printed.index("{"):])  # after the tiny preset's line
     assert (result["num_train"], result["num_val"]) == (32, 8)
     assert result["feature_dim"] == 2 * 128
     for name in ("teacher", "student"):
         assert 0 <= result[name]["top1"] <= result[name]["top5"] <= 1
 
 
-def test_cli_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no autoencoder checkpoint"):
-        probe.main(["magnitude", "--preset", "tiny", "--ae", str(tmp_path / "missing")])
-    folder = _probe_tiny_checkpoint(tmp_path)
-    with pytest.raises(ValueError, match="image folder is required"):
-        probe.main(["pca", "--ae", folder])
-    with pytest.raises(ValueError, match="both --train-data and --val-data"):
-        probe.main(["linear", "--preset", "tiny", "--ae", folder, "--train-data", str(tmp_path)])
-    assert os.path.isdir(folder)
+def _probe_class_folder(root, classes):
+    for c in classes:
+        os.makedirs(os.path.join(root, c))
+        Image.new("RGB", (8, 8)).save(os.path.join(root, c, "a.png"))
+    return str(root)
+
+
+def test_cli_errors(probe_ae, tmp_path, monkeypatch, capsys):
+    folder = probe_ae[0]
+    train = _probe_class_folder(tmp_path / "train", ["cat", "dog"])
+    val = _probe_class_folder(tmp_path / "val", ["cat", "emu"])
+    tiny = ["--preset", "tiny", "--ae", folder]
+    cases = [
+        (["magnitude", "--preset", "tiny", "--ae", str(tmp_path / "missing")], tu.MissingFileError,
+         "no autoencoder checkpoint"),
+        (["pca", "--ae", folder], tu.UsageError, "image folder is required"),
+        (["linear", *tiny, "--train-data", train], tu.UsageError, "both --train-data and --val-data"),
+        (["magnitude", *tiny, "--batch-size", "0"], tu.UsageError, "--batch-size must be at least 1, got 0"),
+        (["magnitude", *tiny, "--show", "0"], tu.UsageError, "--show must be at least 1"),
+        (["magnitude", *tiny, "--factors", "0.5", "-1"], tu.UsageError, "--factors must be distinct and positive"),
+        (["magnitude", *tiny, "--factors", "2", "2"], tu.UsageError, "--factors must be distinct and positive"),
+        (["pca", *tiny, "--num-workers", "-1"], tu.UsageError, "--num-workers"),
+        (["pca", *tiny, "--bogus"], tu.UsageError, "unrecognized arguments: --bogus"),
+        (["magnitude", "--ae", folder, "--data", str(tmp_path / "nowhere")], tu.MissingFileError, "does not exist"),
+        (["linear", "--ae", folder, "--train-data", train, "--val-data", val], tu.DataError, "same class subfolders"),
+    ]
+    monkeypatch.setattr(probe, "load_autoencoder", lambda *a, **k: pytest.fail("a model was loaded"))
+    for argv, error, message in cases:
+        with pytest.raises(error, match=message):
+            probe.main(argv)
+    with pytest.raises(SystemExit) as stop:
+        tu.cli(lambda: probe.main(["magnitude", *tiny, "--batch-size", "0"]))
+    assert stop.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_magnitude_cli_refuses_a_checkpoint_without_rho(probe_ae, tmp_path):
+    state, _ = tu.load_checkpoint(probe_ae[0], "dino-sae-ae", "--ae")
+    folder = str(tmp_path / "old")
+    tu.CheckpointManager(folder).save(dict(state, rho=None), 0)
+    with pytest.raises(tu.DataError, match="no mean token norm rho"):
+        probe.main(["magnitude", "--preset", "tiny", "--ae", folder, "--num-images", "2"])
+
+
+@pytest.mark.slow
+def test_cli_errors_are_one_line_from_the_shell(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "probe.py"), "magnitude", "--preset", "tiny", "--ae",
+                           str(tmp_path / "missing")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"probe.py: error: no autoencoder checkpoint at {tmp_path / 'missing'}"
+                                                ": train one with train_ae.py (stages 1-4; --preset tiny writes "
+                                                "runs/tiny/ae/stage4) or pass --ae"]
 
 
 @pytest.fixture(scope="module")
