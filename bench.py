@@ -34,6 +34,7 @@ import gc
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -822,13 +823,17 @@ def run_item_subprocess(args, name, compile, batch, checkpointing, timeout):
            "--device", args.device, "--batch", str(batch), "--iters", str(args.iters), "--warmup", str(args.warmup)]
     cmd += ["--dtype", args.dtype] if args.dtype else []
     cmd += ["--compile"] * compile + ["--checkpointing"] * checkpointing
+    # its own process group: stopping it at the budget also stops torch.compile's worker processes
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         return {"status": f"stopped at the budget after {timeout:.0f} s"}
     if proc.returncode != 0:
-        return {"status": f"failed (exit {proc.returncode})", "stderr_tail": proc.stderr[-2000:]}
-    return json.loads(proc.stdout)
+        return {"status": f"failed (exit {proc.returncode})", "stderr_tail": err[-2000:]}
+    return json.loads(out)
 
 
 MIN_ITEM_S = 20  # an item started with less left could not even import torch and build its models
@@ -873,13 +878,11 @@ def add_predictions(results, memory_report):
 def run_gpu_check(args):
     device = torch.device(args.device)
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    if args.item:
-        iters = args.iters or (5 if device.type == "cuda" else 1)
-        warmup = args.warmup if args.warmup is not None else (2 if device.type == "cuda" else int(args.compile))
-        return check_item(args.item, args.preset, device, dtype, args.batch, args.checkpointing, args.compile, iters,
-                          warmup)
     args.iters = args.iters or (5 if device.type == "cuda" else 1)
     args.warmup = args.warmup if args.warmup is not None else (2 if device.type == "cuda" else 1)
+    if args.item:
+        return check_item(args.item, args.preset, device, dtype, args.batch, args.checkpointing, args.compile,
+                          args.iters, args.warmup)
     t0 = time.time()
     results = gpu_check(args)
     if args.memory_json:

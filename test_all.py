@@ -2597,6 +2597,13 @@ def test_bench_gpu_check_keeps_to_its_budget():
                          for name in bench.TRAINING_STEPS]
 
 
+def test_bench_gpu_check_stops_a_process_at_the_budget():
+    args = bench.parse_args(["--gpu-check", "--preset", "tiny", "--device", "cpu", "--iters", "1", "--warmup", "0"])
+    t0 = time.monotonic()
+    result = bench.run_item_subprocess(args, "ae_stage1", False, 2, False, timeout=1.0)  # importing torch takes longer
+    assert result == {"status": "stopped at the budget after 1 s"} and time.monotonic() - t0 < 10
+
+
 @pytest.mark.slow
 def test_bench_gpu_check_tiny_end_to_end(tmp_path, capsys):
     """The real thing on the CPU: one process per step, JSON back, predictions from a memory JSON beside them."""
