@@ -622,6 +622,7 @@ def measure_training_memory(spec, preset, batches, log=lambda *_: None):
         optimizers = spec.optimizers(models)
         prime_optimizers(optimizers)
         result["fixed_counted_bytes"] = counted_fixed_bytes(models, optimizers)
+        result["checkpointed"] = [type(stack).__name__ for stack in spec.checkpointed(models)]
         for checkpointing in (False, True):
             set_checkpointing(spec, models, checkpointing)
             peaks = []
@@ -668,7 +669,8 @@ def memory_model(names, preset, batches, capacities, reserve, log):
         entry = dict(global_batch=spec.global_batch, paper_batch_per_gpu=spec.global_batch // PAPER_GPUS,
                      fixed_counted_gib={k: v / GIB for k, v in counted.items()},
                      fixed_counted_total_gib=sum(counted.values()) / GIB,
-                     ddp_buckets_gib=counted["gradients"] / GIB, measure_s=time.time() - t0)
+                     ddp_buckets_gib=counted["gradients"] / GIB, checkpointed=measured["checkpointed"],
+                     measure_s=time.time() - t0)
         for mode in ("without_checkpointing", "with_checkpointing"):
             m = measured[mode]
             fits = {kind: {str(c): max_micro_batch(m["fixed_bytes"], m["per_image_bytes"], c, reserve, ddp)
@@ -736,7 +738,9 @@ MEMORY_METHOD = (
     "come from a least-squares line through the peaks; fixed includes the batch-independent transients (autocast's "
     "bf16 weight copies, optimizer temporaries) on top of fixed_counted (weights, gradients, AdamW states, EMA, frozen "
     "networks, counted exactly from the tensors). fixed can be lower with checkpointing: without it every student ViT "
-    "block keeps the bf16 copies of its frozen weights for the backward.")
+    "block keeps the bf16 copies of its frozen weights for the backward. Two CPU-only copies remain, an over-count of "
+    "about 1 MB per image: CPU autocast casts cat's bf16 inputs to fp32 in separate ops (freed when cat returns), and "
+    "the decoder's linear-attention matmul copies one operand where CUDA's takes a view.")
 NOT_COUNTED = [
     "CUDA context and kernel images (~0.5 GiB per process)",
     "cuBLAS/cuDNN/flash-attention workspaces allocated inside kernels",

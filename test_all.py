@@ -2249,7 +2249,7 @@ def test_bench_run_benchmark_speed_from_a_known_time(monkeypatch):
 def test_bench_tiny_report_numbers_from_a_known_time(tmp_path, capsys, monkeypatch):
     _bench_fixed_timer(monkeypatch, 0.5)
     path = tmp_path / "bench.json"
-    report = _bench_one_thread(lambda: bench.main(["--preset", "tiny", "--device", "cpu", "--iters", "1",
+    report = _bench_one_thread(lambda: bench.main(["--preset", "tiny", "--device", "cpu", "--iters", "1", "--batch", "2",
                                                     "--json", str(path)]))
     assert json.loads(capsys.readouterr().out) == json.loads(path.read_text()) == json.loads(json.dumps(report))
     assert report["device"].startswith("cpu") and report["dtype"] == "fp32" and report["torch"] == torch.__version__
@@ -2258,9 +2258,9 @@ def test_bench_tiny_report_numbers_from_a_known_time(tmp_path, capsys, monkeypat
     assert set(report["benchmarks"]) == set(bench.BENCHMARKS)
     for name, r in report["benchmarks"].items():
         assert set(r) == _BENCH_FIELDS, name
-        assert r["batch"] == 1 and r["iters"] == 1 and r["memory_kind"] == "cpu_peak_rss_growth"
-        assert r["seconds_per_iter"] == 0.5 and r["images_per_s"] == 2.0
-        assert r["fraction_of_peak"] == pytest.approx(r["gflop_per_image"] * 2.0 / peak), name
+        assert r["batch"] == 2 and r["iters"] == 1 and r["memory_kind"] == "cpu_peak_rss_growth"
+        assert r["seconds_per_iter"] == 0.5 and r["images_per_s"] == 4.0
+        assert r["fraction_of_peak"] == pytest.approx(r["gflop_per_image"] * 4.0 / peak), name
     # one guided step = one forward of the [cond; uncond] batch: two tiny LightningDiT forwards per image
     tiny = dict(d=128, depth=2, C=128, N=16, hidden=int(2 / 3 * 4 * 128))
     assert report["benchmarks"]["sampling_step"]["gflop_per_image"] * 1e9 == 2 * _bench_dit_forward_flops(**tiny)
