@@ -62,6 +62,10 @@ class BatchRandom:
     def randint(self, low, high, *shape):
         return torch.randint(low, high, (self.batch, *shape), device=self.device)
 
+    def chunk(self, n):
+        """Split like torch.chunk splits the batch (micro-batches)."""
+        return [BatchRandom(len(part), self.device) for part in torch.arange(self.batch).chunk(n)]
+
 
 class _Recompute:
     """Context of a forward re-run by activation checkpointing inside backward (re-enterable: a graph kept with

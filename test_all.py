@@ -14,6 +14,7 @@ import sys
 import time
 
 import bench
+import contextlib
 import fid
 import losses
 import numpy as np
@@ -3135,32 +3136,69 @@ def _bench_one_thread(fn):
         torch.set_num_threads(threads)
 
 
-def test_bench_tiny_report_has_every_field(tmp_path, capsys):
+def _bench_fixed_timer(monkeypatch, seconds):
+    """Every timed call runs its function and reports `seconds`: speeds become hand-computable numbers."""
+    monkeypatch.setattr(bench, "timed", lambda fn, device: (fn(), seconds)[1])
+
+
+def _bench_dit_forward_flops(d, depth, C, N, hidden):
+    """Closed form of one LightningDiT forward per sample (matmuls and attention; 2 FLOPs per multiply-add)."""
+    per_token = C * d + depth * (3 * d * d + d * d + 2 * hidden * d + hidden * d) + d * C  # embed, blocks, final
+    per_image = 512 * d + d * d + depth * 6 * d * d + 2 * d * d  # timestep MLP, adaLN of blocks and final layer
+    attention = depth * 4 * N * N * d  # q·k and attention·v
+    return 2 * N * per_token + 2 * per_image + attention
+
+
+def test_bench_matmul_peak_is_2n3_inner_over_the_best_time(monkeypatch):
+    _bench_fixed_timer(monkeypatch, 0.25)
+    assert bench.matmul_peak_gflops(torch.device("cpu"), torch.float32, 64, repeats=2, inner=3) == \
+        pytest.approx(2 * 64 ** 3 * 3 / 0.25 / 1e9)
+
+
+def test_bench_run_benchmark_speed_from_a_known_time(monkeypatch):
+    _bench_fixed_timer(monkeypatch, 0.5)
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(8, 64)
+
+    def build(batch, device, autocast):
+        def step():
+            lin.zero_grad()
+            with autocast():
+                lin(x[:batch]).sum().backward()
+        return step, [lin]
+
+    r = bench.run_benchmark(build, 4, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False), iters=3,
+                            warmup=1)
+    # forward 2·B·in·out, backward the weight gradient only (x needs none): 2·B·in·out again
+    assert r["gflop_per_image"] * 1e9 == pytest.approx(4 * 64 * 32)
+    assert r["seconds_per_iter"] == 0.5 and r["images_per_s"] == pytest.approx(8.0)
+    assert r["gflops_achieved"] == pytest.approx(4 * 4 * 64 * 32 / 0.5 / 1e9)
+    assert r["iters"] == 3 and r["batch"] == 4
+
+
+@pytest.mark.slow
+def test_bench_tiny_report_numbers_from_a_known_time(tmp_path, capsys, monkeypatch):
+    _bench_fixed_timer(monkeypatch, 0.5)
     path = tmp_path / "bench.json"
-    report = _bench_one_thread(lambda: bench.main(["--preset", "tiny", "--device", "cpu", "--iters", "1",
+    report = _bench_one_thread(lambda: bench.main(["--preset", "tiny", "--device", "cpu", "--iters", "1", "--batch", "2",
                                                     "--json", str(path)]))
     assert json.loads(capsys.readouterr().out) == json.loads(path.read_text()) == json.loads(json.dumps(report))
     assert report["device"].startswith("cpu") and report["dtype"] == "fp32" and report["torch"] == torch.__version__
-    assert report["matmul_peak_gflops"] == report["matmul_peak_gflops_by_dtype"]["fp32"] > 0
+    peak = 2 * 512 ** 3 / 0.5 / 1e9  # tiny preset: 512² matmuls, one per timed call on CPU
+    assert report["matmul_peak_gflops_by_dtype"] == pytest.approx({"fp32": peak, "bf16": peak})
     assert set(report["benchmarks"]) == set(bench.BENCHMARKS)
     for name, r in report["benchmarks"].items():
         assert set(r) == _BENCH_FIELDS, name
-        assert r["batch"] == 1 and r["iters"] == 1 and r["memory_kind"] == "cpu_peak_rss_growth"
-        assert r["images_per_s"] > 0 and r["gflop_per_image"] > 0 and r["peak_memory_mb"] >= 0
-        assert 0 < r["fraction_of_peak"] < 10, name  # nominal FLOPs: Winograd convolutions can pass 1
-        # the derived numbers follow from the measured ones
-        assert r["images_per_s"] == pytest.approx(r["batch"] / r["seconds_per_iter"])
-        assert r["gflops_achieved"] == pytest.approx(r["gflop_per_image"] * r["images_per_s"])
-        peak = report["matmul_peak_gflops_by_dtype"][r["compute_dtype"]]
-        assert r["fraction_of_peak"] == pytest.approx(r["gflops_achieved"] / peak)
-    # backward is counted: a training step (forward + backward, ~3 forwards) costs more than a guided sampling step
-    # of the same network (cond + uncond, 2 forwards)
-    assert report["benchmarks"]["lightningdit_xl_train_step"]["gflop_per_image"] > \
-        report["benchmarks"]["sampling_step"]["gflop_per_image"]
+        assert r["batch"] == 2 and r["iters"] == 1 and r["memory_kind"] == "cpu_peak_rss_growth"
+        assert r["seconds_per_iter"] == 0.5 and r["images_per_s"] == 4.0
+        assert r["fraction_of_peak"] == pytest.approx(r["gflop_per_image"] * 4.0 / peak), name
+    # one guided step = one forward of the [cond; uncond] batch: two tiny LightningDiT forwards per image
+    tiny = dict(d=128, depth=2, C=128, N=16, hidden=int(2 / 3 * 4 * 128))
+    assert report["benchmarks"]["sampling_step"]["gflop_per_image"] * 1e9 == 2 * _bench_dit_forward_flops(**tiny)
 
 
-def test_bench_flops_of_full_decoder_and_dit_match_spec():
-    """Counted on the meta device: SPEC §2.2's 688 GFLOPs for the decoder, and LightningDiT-XL/1's closed form."""
+def test_bench_flops_of_full_decoder_and_dit_match_closed_forms():
+    """Counted on the meta device: the decoder's 688 GFLOP per 256² image, and LightningDiT-XL/1's closed form."""
     with torch.device("meta"):
         dec = dcae_decoder("f16-in")
         z = torch.randn(2, 1024, 16, 16)
@@ -3168,29 +3206,15 @@ def test_bench_flops_of_full_decoder_and_dit_match_spec():
         dit = DiT_models["LightningDiT-XL/1"]()
         t, y = torch.rand(2), torch.randint(1000, (2,))
         flops = bench.count_flops(lambda: dit(z, t, y)) / 2
-    d, depth, C, N, hidden = 1152, 28, 1024, 256, 3072
-    per_token = C * d + depth * (3 * d * d + d * d + 2 * hidden * d + hidden * d) + d * C  # embed, blocks, final
-    per_image = 512 * d + d * d + depth * 6 * d * d + 2 * d * d  # timestep MLP, adaLN of blocks and final layer
-    attention = depth * 4 * N * N * d  # q·k and attention·v
-    assert flops == 2 * N * per_token + 2 * per_image + attention
+    assert flops == _bench_dit_forward_flops(d=1152, depth=28, C=1024, N=256, hidden=3072)
 
 
-def test_bench_run_benchmark_counts_forward_and_backward():
-    lin = torch.nn.Linear(64, 32)
-    x = torch.randn(8, 64)
-
-    def build(batch, device, autocast, channels_last):
-        def step():
-            lin.zero_grad()
-            with autocast():
-                lin(x[:batch]).sum().backward()
-        return step, [lin]
-
-    autocast = lambda: torch.autocast("cpu", enabled=False)
-    r = bench.run_benchmark(build, 4, torch.device("cpu"), autocast, iters=3, warmup=1)
-    # forward 2·B·in·out, backward the weight gradient only (x needs none): 2·B·in·out again
-    assert r["gflop_per_image"] * 1e9 == pytest.approx(4 * 64 * 32)
-    assert r["iters"] == 3 and r["batch"] == 4 and r["images_per_s"] > 0
+def test_bench_flops_of_a_dit_on_the_cpu_count_attention():
+    """On real CPU tensors attention runs the CPU flash kernel, which torch's counter does not know by itself."""
+    model = bench.dit("tiny", "LightningDiT-XL/1")
+    z, t, y = torch.randn(3, 128, 4, 4), torch.rand(3), torch.zeros(3, dtype=torch.long)
+    tiny = dict(d=128, depth=2, C=128, N=16, hidden=int(2 / 3 * 4 * 128))
+    assert bench.count_flops(lambda: model(z, t, y)) == 3 * _bench_dit_forward_flops(**tiny)
 
 
 def test_bench_cpu_peak_memory_sees_a_freed_allocation():
@@ -3200,12 +3224,359 @@ def test_bench_cpu_peak_memory_sees_a_freed_allocation():
     assert memory.kind == "cpu_peak_rss_growth" and 30 <= memory.mb < 1024
 
 
-def test_bench_matmul_peak_positive():
-    assert bench.matmul_peak_gflops(torch.device("cpu"), torch.float32, 128, repeats=2, inner=2) > 0
+# ---- memory model ----
+
+def test_bench_live_bytes_counts_a_storage_once_until_its_last_view_dies():
+    with bench.LiveBytes() as live:
+        a = torch.empty(1000)        # 4000 bytes
+        b = a * 2                    # 8000
+        v = b[10:]                   # a view: no new storage
+        del a                        # 4000
+        c = torch.cat([b, b])        # 4000 + 8000 = 12000, the peak
+        del b                        # v keeps b's storage alive
+        assert live.live == 12000
+        del v                        # 8000: c alone
+    assert (live.live, live.peak) == (8000, 12000)
+    del c
+    assert live.live == 0
+
+
+def _bench_exp_backward(live):
+    w = torch.ones(1000, requires_grad=True)
+    loss = (w * 3).exp().sum()
+    assert (live.live, live.peak) == (8004, 12000)  # w, exp's saved output, the loss; w·3 lived until exp returned
+    loss.backward()
+    # backward peak: w, saved exp output, loss, the seed gradient (4 bytes) and exp's input gradient;
+    # after: w, w.grad, loss
+    assert (live.live, live.peak) == (8004, 12008)
+
+
+def test_bench_live_bytes_hand_count_of_a_backward():
+    with bench.LiveBytes() as live:
+        _bench_exp_backward(live)
+
+
+def test_bench_live_bytes_hand_count_holds_on_fake_tensors():
+    with torch._subclasses.fake_tensor.FakeTensorMode(), bench.LiveBytes() as live:
+        _bench_exp_backward(live)
+        assert bench.is_fake(torch.ones(1)) and bool(torch.ones(1).sum() > 0)  # host reads answer 1 on fake tensors
+
+
+def test_bench_fit_line_recovers_fixed_and_per_image():
+    gib = 2 ** 30
+    fixed, per_image, residual = bench.fit_line([1, 2, 4], [3 * gib + 0.5 * gib * b for b in (1, 2, 4)])
+    assert fixed == pytest.approx(3 * gib) and per_image == pytest.approx(0.5 * gib) and residual < 1
+    # a bend (a batch-independent transient above the line at batch 1) shows as a residual
+    assert bench.fit_line([1, 2, 4], [10, 10, 14])[2] > 0.5
+
+
+def test_bench_max_micro_batch_and_plan_by_hand():
+    reserve = dict(context_and_workspaces_gib=1.0, fragmentation=0.1, nccl_gib=1.0)
+    gib = 2 ** 30
+    # usable 80·0.9 − 1 = 71 GiB; (71 − 10) / 1.5 = 40.7
+    assert bench.max_micro_batch(10 * gib, 1.5 * gib, 80, reserve) == 40
+    # DDP: − 1 GiB NCCL − 2 GiB buckets -> (68 − 10) / 1.5 = 38.7
+    assert bench.max_micro_batch(10 * gib, 1.5 * gib, 80, reserve, ddp_bucket_bytes=2 * gib) == 38
+    assert bench.max_micro_batch(80 * gib, 1.5 * gib, 80, reserve) == 0
+
+    def entry(plain, ckpt):
+        return dict(global_batch=256, without_checkpointing=dict(max_micro_batch=dict(ddp={"80": plain})),
+                    with_checkpointing=dict(max_micro_batch=dict(ddp={"80": ckpt})))
+    # 32 per GPU: 20 fit -> accumulate 2 × 16, no recomputation
+    assert bench.plan(entry(20, 40), 8, 80) == dict(micro_batch=16, grad_accum=2, grad_checkpoint=False)
+    # only 5 fit -> micro-batches of 4 would be too small: checkpointing with the whole 32
+    assert bench.plan(entry(5, 40), 8, 80) == dict(micro_batch=32, grad_accum=1, grad_checkpoint=True)
+    assert bench.plan(entry(0, 0), 8, 80) is None
+
+
+class _BenchPoolEncoder(nn.Module):
+    """Stands in for the frozen autoencoder: latents from 16× average pooling, so the DiT's activations set the
+    peak (the tiny autoencoder's stem at 64 px would: 480 KB per image)."""
+    radius = rho = math.sqrt(128)
+
+    def encode_sphere(self, x):
+        return rfm.project_sphere(F.avg_pool2d(x, 16).repeat(1, 43, 1, 1)[:, :128], self.radius)
+
+
+def _bench_tiny_dit_memory(depth):
+    import dataclasses
+    spec = bench.dit_training_step("LightningDiT-XL/1", depth=depth)
+    spec = dataclasses.replace(spec, models=lambda preset, models=spec.models: dict(models(preset),
+                                                                                    ae=_BenchPoolEncoder()))
+    return bench.measure_training_memory(spec, "tiny", [512, 1024, 1536])
+
+
+def _dit_tiny_blocks(depth):
+    with torch.device("meta"):
+        return list(bench.dit("tiny", "LightningDiT-XL/1", depth=depth).blocks.parameters())
+
+
+@pytest.mark.slow
+def test_bench_checkpointing_keeps_only_each_blocks_input():
+    """With checkpointing a DiT block keeps only its input (N tokens × width, fp32) per image until backward; without,
+    all its activations. Fixed memory drops at most by the bf16 weight copies autograd would keep for backward."""
+    shallow, deep = _bench_tiny_dit_memory(2), _bench_tiny_dit_memory(4)
+    block_input = 16 * 128 * 4  # tiny preset: 4×4 latent tokens, width 128, fp32 residual stream
+    per_image = {k: deep[k]["per_image_bytes"] - shallow[k]["per_image_bytes"]
+                 for k in ("with_checkpointing", "without_checkpointing")}
+    assert per_image["with_checkpointing"] == pytest.approx(2 * block_input)
+    assert per_image["without_checkpointing"] > 4 * 2 * block_input
+    blocks_bf16 = 2 * sum(p.numel() for p in _dit_tiny_blocks(4))  # bf16 weight copies autograd keeps without it
+    for m in (shallow, deep):
+        saved = m["without_checkpointing"]["fixed_bytes"] - m["with_checkpointing"]["fixed_bytes"]
+        assert 0 <= saved <= blocks_bf16 + 1
+        assert m["with_checkpointing"]["fit_max_residual_bytes"] < 1
+
+
+def test_bench_fixed_memory_counted_exactly():
+    """Weights, gradients, AdamW moments (+ one fp32 step per tensor, fused), EMA: by hand from a real tiny DiT."""
+    real = bench.dit_models("tiny", "LightningDiT-XL/1")
+    P = sum(p.numel() for p in real["model"].parameters())
+    n_tensors = len(list(real["model"].parameters()))
+    model_buffers = sum(b.numel() * b.element_size() for b in real["model"].buffers())
+    frozen = sum(t.numel() * t.element_size() for t in [*real["ae"].parameters(), *real["ae"].buffers()])
+    spec = bench.TRAINING_STEPS["lightningdit_xl"]
+    models = bench.meta_models(spec, "tiny")
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        bench.fake_storage(models.values())
+        optimizers = spec.optimizers(models)
+        bench.prime_optimizers(optimizers)
+        counted = bench.counted_fixed_bytes(models, optimizers)
+    assert counted == dict(trainable_weights=4 * P, gradients=4 * P, adamw_states=8 * P + 4 * n_tensors,
+                           ema=4 * P + model_buffers, frozen_weights_and_buffers=frozen + model_buffers)
+
+
+@pytest.mark.slow
+def test_bench_primed_optimizers_give_the_peak_of_a_steady_state_step():
+    spec = bench.TRAINING_STEPS["ae_stage2"]
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+
+    def peak(prime):
+        models = bench.meta_models(spec, "tiny")
+        with torch._subclasses.fake_tensor.FakeTensorMode(), bench.LiveBytes() as live, bench.CudaAutocastFp32():
+            bench.fake_storage(models.values())
+            optimizers = spec.optimizers(models)
+            step = spec.step(models, optimizers, spec.data("tiny", 2, "cpu"), autocast)
+            if prime:
+                bench.prime_optimizers(optimizers)
+            else:
+                step()
+                step()
+            live.reset_peak()
+            step()
+            return live.peak
+    assert peak(prime=True) == peak(prime=False)
+
+
+@contextlib.contextmanager
+def _bench_fake_cuda_autocast():
+    """CUDA's bf16 autocast on fake CUDA tensors: no GPU needed (its forward kernels are meta functions)."""
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", torch.bfloat16)
+    torch.autocast_increment_nesting()
+    try:
+        yield
+    finally:
+        torch.autocast_decrement_nesting()
+        torch.set_autocast_enabled("cuda", False)
+        torch.clear_autocast_cache()
+
+
+class _BenchOpDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The ops a forward runs with their first output's dtype (batch norm's saved statistics, per channel, aside);
+    same-dtype copies (device moves of constants) and metadata queries are left out."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = next((t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)), None)
+        same_copy = func is torch.ops.aten._to_copy.default and first is not None and first.dtype == args[0].dtype
+        if func.namespace == "aten" and func is not torch.ops.aten.lift_fresh.default and not same_copy:
+            self.ops.append((str(func), first.dtype if first is not None else None))
+        return out
+
+
+def _bench_forward_dtypes(device, autocast):
+    """Op dtypes of the forwards whose activations the memory model counts: autoencoder (stem, student and teacher
+    ViT, decoder), LPIPS, the discriminator's ViT features, both DiTs; tiny sizes, same code paths."""
+    models = bench.meta_models(bench.TRAINING_STEPS["ae_stage2"], "tiny")
+    for name in ("lightningdit_xl", "ditdh_xl"):
+        models[name] = bench.meta_models(bench.TRAINING_STEPS[name], "tiny")["model"]
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        with torch.device(device):
+            bench.fake_storage(models.values())  # fake storage on `device`
+        x = torch.rand(2, 3, 128, 128, device=device) * 2 - 1  # 64² would give the decoder 16-token attention maps,
+        # below the head width: CPU's matmul then copies an operand that CUDA's views
+        z, t, y = torch.randn(2, 128, 4, 4, device=device), torch.rand(2, device=device), torch.zeros(2, dtype=torch.long,
+                                                                                                       device=device)
+        with autocast(), _BenchOpDtypes() as log:
+            x_hat = models["ae"](x, with_teacher=True)["x_hat"]
+            models["lpips"](x_hat.float(), x)
+            models["disc"].feature_net.get_intermediate_layers(x, n=(2, 5))
+            models["lightningdit_xl"](z, t, y)
+            models["ditdh_xl"](z, t, y)
+    return log.ops
+
+
+def _bench_without_cpu_only_copies(ops):
+    """Two copies CPU makes and CUDA does not, both small: CPU autocast's promote policy casts cat's bf16 inputs to
+    fp32 in separate ops (copies that die when cat returns; CUDA's cat promotes in its kernel), and CPU's batched
+    matmul in the decoder's linear attention copies an operand CUDA's takes a view of (1 MB per 256² image)."""
+    names = [op[0] for op in ops] + [None, None]
+    out = []
+    for i, op in enumerate(ops):
+        if op == ("aten._to_copy.default", torch.float32) and names[i + 1] == "aten.cat.default":
+            continue
+        if names[i:i + 3] == ["aten.clone.default", "aten._unsafe_view.default", "aten.bmm.default"]:
+            out.append(("aten.view.default", op[1]))
+        elif not (names[i - 1:i + 2] == ["aten.clone.default", "aten._unsafe_view.default", "aten.bmm.default"]):
+            out.append(op)
+    return out
+
+
+@pytest.mark.slow
+def test_bench_cuda_autocast_policy_matches_fake_cuda(monkeypatch):
+    """CPU autocast + CudaAutocastFp32 gives every op the dtype CUDA's autocast gives it. Attention is stubbed out in
+    both runs: without a GPU to query, fake CUDA falls back to the math kernel, which a GPU does not use."""
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        try:
+            torch.empty(1, device="cuda")
+        except Exception:
+            pytest.skip("this torch build cannot make fake CUDA tensors")
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: q * 1)
+    cpu = _bench_forward_dtypes("cpu", _bench_cpu_autocast)
+    cuda = _bench_forward_dtypes("cuda", _bench_fake_cuda_autocast)
+    assert len(cuda) > 500 and _bench_without_cpu_only_copies(cpu) == cuda
+
+
+@contextlib.contextmanager
+def _bench_cpu_autocast():
+    with torch.autocast("cpu", dtype=torch.bfloat16), bench.CudaAutocastFp32():
+        yield
+
+
+@pytest.mark.slow
+def test_bench_memory_report_of_a_tiny_step(tmp_path, capsys):
+    path = tmp_path / "mem.json"
+    report = _bench_one_thread(lambda: bench.main(["--memory", "--preset", "tiny", "--only-step", "lightningdit_xl",
+                                                    "--mem-batches", "1", "3", "--json", str(path)]))
+    assert json.loads(path.read_text()) == json.loads(json.dumps(report))
+    entry = report["steps"]["lightningdit_xl"]
+    for mode in ("without_checkpointing", "with_checkpointing"):
+        m = entry[mode]
+        peaks = m["peak_gib"]
+        assert m["activation_gib_per_image"] == pytest.approx((peaks["3"] - peaks["1"]) / 2)
+        assert m["fixed_gib"] > entry["fixed_counted_total_gib"] > 0  # + batch-independent transients
+        assert m["max_micro_batch"]["one_gpu"]["80"] >= m["max_micro_batch"]["ddp"]["80"] > 0
+    out = capsys.readouterr().out
+    assert "| lightningdit_xl |" in out and "torchrun --nproc_per_node=8 train_dit.py --model LightningDiT-XL/1" in out
+    assert report["commands"]["8x80GB"][0].startswith("torchrun --nproc_per_node=8 train_dit.py")
+
+
+# ---- GPU check ----
+
+def test_bench_largest_fitting_tries_checkpointing_then_halves():
+    tried = []
+
+    def try_config(batch, checkpointing):
+        tried.append((batch, checkpointing))
+        if batch > 16 or (batch > 8 and not checkpointing):
+            raise torch.OutOfMemoryError("injected")
+        return dict(batch=batch)
+
+    result, attempts = bench.largest_fitting(try_config, 32)
+    assert tried == [(32, False), (32, True), (16, False), (16, True)]
+    assert result == dict(batch=16, checkpointing=True)
+    assert [a["outcome"] for a in attempts] == ["out of memory"] * 3 + ["ok"]
+    tried.clear()
+    assert bench.largest_fitting(try_config, 8, checkpointing=True)[0] == dict(batch=8, checkpointing=True)
+    assert tried == [(8, True)]  # a compiled run starts from its eager run's checkpointing
+
+    def never(batch, checkpointing):
+        raise torch.OutOfMemoryError("injected")
+    result, attempts = bench.largest_fitting(never, 4)
+    assert result is None and [(a["batch"], a["checkpointing"]) for a in attempts] == \
+        [(4, False), (4, True), (2, False), (2, True), (1, False), (1, True)]
+
+
+def test_bench_check_item_halves_on_injected_out_of_memory(monkeypatch):
+    measure = bench.measure_speed
+
+    def fails_above_2(step, hot_modules, batch, *args, **kwargs):
+        if batch > 2:
+            raise torch.OutOfMemoryError("injected")
+        return measure(step, hot_modules, batch, *args, **kwargs)
+    monkeypatch.setattr(bench, "measure_speed", fails_above_2)
+    r = _bench_one_thread(lambda: bench.check_item("lightningdit_xl", "tiny", torch.device("cpu"), "fp32", batch=8,
+                                                   checkpointing=False, compile=False, iters=1, warmup=0))
+    assert (r["batch"], r["checkpointing"]) == (2, False)
+    assert [(a["batch"], a["checkpointing"], a["outcome"]) for a in r["attempts"]] == \
+        [(8, False, "out of memory"), (8, True, "out of memory"), (4, False, "out of memory"),
+         (4, True, "out of memory"), (2, False, "ok")]
+    assert r["fraction_of_peak"] == pytest.approx(r["gflops_achieved"] / r["matmul_peak_gflops"]) and r["images_per_s"] > 0
+
+
+def test_bench_gpu_check_keeps_to_its_budget():
+    now = [0.0]
+    calls = []
+
+    def run_item(args, name, compile, batch, checkpointing, timeout):
+        calls.append((name, compile, batch, checkpointing))
+        now[0] += min(90, timeout)
+        if timeout < 90:
+            return {"status": f"stopped at the budget after {timeout:.0f} s"}
+        return dict(batch=batch // 2, checkpointing=True, images_per_s=1.0, fraction_of_peak=0.5, peak_memory_gib=1.0)
+
+    args = bench.parse_args(["--gpu-check", "--preset", "tiny", "--device", "cpu", "--budget-s", "300"])
+    results = bench.gpu_check(args, run_item=run_item, clock=lambda: now[0])
+    status = {k: r.get("status", "ran") for k, r in results.items()}
+    # 90 s each: three eager runs, the fourth starts with 30 s left and is stopped, then nothing starts
+    assert list(status.values()) == ["ran"] * 3 + ["stopped at the budget after 30 s"] + \
+        ["not started: budget spent"] * 6
+    assert [c[2] for c in calls] == [32, 32, 32, 128]  # the paper's per-GPU batches: 256/8 and 1024/8
+
+    now[0], calls[:] = 0.0, []
+    args = bench.parse_args(["--gpu-check", "--preset", "tiny", "--device", "cpu", "--budget-s", "1000"])
+    results = bench.gpu_check(args, run_item=run_item, clock=lambda: now[0])
+    assert all("images_per_s" in r for r in results.values()) and results["ae_stage1/eager"]["wall_s"] == 90
+    # compiled runs start from what the eager runs found
+    assert calls[5:] == [(name, True, bench.TRAINING_STEPS[name].global_batch // 16, True)
+                         for name in bench.TRAINING_STEPS]
+
+
+def test_bench_gpu_check_stops_a_process_at_the_budget():
+    args = bench.parse_args(["--gpu-check", "--preset", "tiny", "--device", "cpu", "--iters", "1", "--warmup", "0"])
+    t0 = time.monotonic()
+    result = bench.run_item_subprocess(args, "ae_stage1", False, 2, False, timeout=1.0)  # importing torch takes longer
+    assert result == {"status": "stopped at the budget after 1 s"} and time.monotonic() - t0 < 10
+
+
+@pytest.mark.slow
+def test_bench_gpu_check_tiny_end_to_end(tmp_path, capsys):
+    """The real thing on the CPU: one process per step, JSON back, predictions from a memory JSON beside them."""
+    memory = tmp_path / "mem.json"
+    memory.write_text(json.dumps({"steps": {"ae_stage2": {
+        "without_checkpointing": {"fixed_gib": 1.0, "activation_gib_per_image": 0.25},
+        "with_checkpointing": {"fixed_gib": 1.0, "activation_gib_per_image": 0.125}}}}))
+    path = tmp_path / "gpu.json"
+    report = bench.main(["--gpu-check", "--preset", "tiny", "--device", "cpu", "--variants", "eager", "--batch", "2",
+                         "--only-step", "ae_stage2", "--only-step", "ditdh_xl", "--memory-json", str(memory),
+                         "--json", str(path)])
+    assert json.loads(path.read_text()) == json.loads(capsys.readouterr().out) == json.loads(json.dumps(report))
+    assert set(report["steps"]) == {"ae_stage2/eager", "ditdh_xl/eager"}
+    for r in report["steps"].values():
+        assert r["batch"] == 2 and r["checkpointing"] is False and r["attempts"][-1]["outcome"] == "ok"
+        assert r["images_per_s"] > 0 and r["fraction_of_peak"] > 0 and r["peak_memory_gib"] > 0
+    assert report["steps"]["ae_stage2/eager"]["predicted_peak_gib"] == 1.5
+    assert "predicted_peak_gib" not in report["steps"]["ditdh_xl/eager"]
 
 
 @pytest.mark.parametrize("argv", [["--batch", "0"], ["--only", "nonsense"], ["--compile", "--warmup", "0"],
-                                  ["--dtype", "fp16"]])
+                                  ["--dtype", "fp16"], ["--memory", "--gpu-check"], ["--memory", "--mem-batches", "2"],
+                                  ["--only-step", "decoder_fwd_bwd"], ["--variants", "jit"]])
 def test_bench_bad_flags_fail(argv, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
