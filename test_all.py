@@ -2896,31 +2896,35 @@ def test_recon_writes_paired_npz_of_center_crops(tiny_ae, tmp_path):
 
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-_AE_RUNNER = """
+_RUNNER = """
 import os, sys, torch
 sys.path.insert(0, {repo!r})
-import train_ae
+import train_ae, train_dit
+rank = os.environ.get("RANK", "0")
 nan_step = int(os.environ.get("NAN_STEP", "0"))
 if nan_step:  # poison one rank's loss at one step: every rank must skip that step together
     original, calls = train_ae.generator_loss, [0]
     def poisoned(*args, **kwargs):
-        loss, metrics, x_hat = original(*args, **kwargs)
+        loss, metrics, out = original(*args, **kwargs)
         calls[0] += 1
-        if calls[0] == nan_step and os.environ.get("RANK") == "0":
+        if calls[0] == nan_step and rank == "0":
             loss = loss * float("nan")
-        return loss, metrics, x_hat
+        return loss, metrics, out
     train_ae.generator_loss = poisoned
-if os.environ.get("GRAD_DUMP"):  # the gradients the optimizer sees at its first step (all-reduced under DDP)
-    original_step = torch.optim.AdamW.step
+if os.environ.get("GRAD_DUMP"):  # the gradients each optimizer sees at its first step (all-reduced under DDP)
+    original_step, seen = torch.optim.AdamW.step, set()
     def step(self, *args, **kwargs):
-        if not os.path.exists(os.environ["GRAD_DUMP"] + os.environ.get("RANK", "0")):
+        if id(self) not in seen:
+            seen.add(id(self))
             grads = [p.grad.clone() for group in self.param_groups for p in group["params"]]
-            torch.save(grads, os.environ["GRAD_DUMP"] + os.environ.get("RANK", "0"))
+            torch.save(grads, os.environ["GRAD_DUMP"] + rank + "_" + str(len(seen)))
         return original_step(self, *args, **kwargs)
     torch.optim.AdamW.step = step
-ae, disc = train_ae.main(sys.argv[1:])
-state = {{k: v for k, v in ae.state_dict().items() if not k.startswith("encoder.vit.")}}
-torch.save(state, os.path.join(os.environ["DUMP"], "rank" + os.environ.get("RANK", "0") + ".pt"))
+trainer = train_dit if sys.argv[1] == "dit" else train_ae
+result = trainer.main(sys.argv[2:])
+model = result.model if sys.argv[1] == "dit" else result.ae
+state = {{k: v for k, v in model.state_dict().items() if not k.startswith("encoder.vit.")}}
+torch.save(state, os.path.join(os.environ["DUMP"], "rank" + rank + ".pt"))
 """
 
 
@@ -2946,15 +2950,17 @@ def _ae_env(**extra):
     return env
 
 
-def _ae_run(script_args, tmp_path, nproc=1, **env):
+def _launch(trainer, script_args, tmp_path, nproc=1, **env):
+    """trainer ('ae' or 'dit') in a fresh process, or under torchrun with nproc gloo ranks -> (each rank's trained
+    weights, the process)."""
     runner = tmp_path / "runner.py"
-    runner.write_text(_AE_RUNNER.format(repo=REPO))
+    runner.write_text(_RUNNER.format(repo=REPO))
     dump = tmp_path / f"dump_{nproc}_{len(os.listdir(tmp_path))}"
     dump.mkdir()
     launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                                  if nproc > 1 else [])
-    proc = subprocess.run(launch + [str(runner)] + script_args, cwd=REPO, env=_ae_env(DUMP=str(dump), **env),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(launch + [str(runner), trainer] + script_args, cwd=REPO,
+                          env=_ae_env(DUMP=str(dump), **env), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(dump / f"rank{r}.pt") for r in range(nproc)], proc
 
@@ -2963,6 +2969,59 @@ def _ae_same(a, b, atol=0.0):
     return all(torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=0) for k in a)
 
 
+def test_ae_recipe_of_the_four_stages():
+    """§4.1: what trains, the loss terms and weights, AdamW's lr and betas, Eq. 10's noise; and the full preset's
+    global batch 256 and flags default to them."""
+    assert (train_ae.W_COS, train_ae.W_L1, train_ae.W_LPIPS, train_ae.W_ADV) == (0.5, 1.0, 1.0, 0.5)
+    expected = {1: (True, True, False, 0.0, 1e-5, (0.9, 0.999)), 2: (True, True, True, 0.0, 1e-4, (0.5, 0.9)),
+                3: (False, False, True, 0.0, 1e-4, (0.5, 0.9)), 4: (False, False, True, 0.8, 5.4e-5, (0.5, 0.9))}
+    for stage, (stem, align, gan, tau, lr, betas) in expected.items():
+        s = train_ae.STAGES[stage]
+        assert (s["train_stem"], s["align"], s["gan"], s["noise_tau"], s["lr"], s["betas"]) == \
+            (stem, align, gan, tau, lr, betas), stage
+        args = train_ae.parse_args(["--stage", str(stage), "--data", "x"])
+        assert args.lr is None and args.global_batch == 256 and args.grad_accum == 1
+
+
+def _ae_parts(seed=0, with_disc=False):
+    torch.manual_seed(seed)
+    enc = DinoSAEEncoder(_model_tiny_vit(), stem_widths=(32, 32, 64, 64))
+    ae = DinoSAE(enc, _model_tiny_decoder()).train()
+    disc = DinoDiscriminator(_model_tiny_vit(seed=1, depth=12), resolution=32) if with_disc else None
+    return ae, build_lpips(pretrained=False), disc
+
+
+def test_ae_generator_loss_terms_and_weights_by_hand():
+    """Stage 1: 0.5·(1 - cos) + L1 + LPIPS; stage 2 adds 0.5·λ·(-mean D(fake)) with λ the gradient-norm ratio at the
+    decoder's last conv; stage 3 drops the alignment. Each term recomputed here from its definition."""
+    ae, lpips, disc = _ae_parts(with_disc=True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    for stage in (1, 2, 3):
+        loss, metrics, out = train_ae.generator_loss(ae, lpips, disc, x, train_ae.STAGES[stage],
+                                                     SampleRNG.for_step(0, 1, 2, 0, 1, "cpu"))
+        l1 = (out["x_hat"] - x).abs().mean()
+        lp = lpips.net(out["x_hat"], x).mean()
+        expect = l1 + lp
+        if stage < 3:
+            cos = torch.stack([1 - F.cosine_similarity(out["z_s"][b, n], out["z_t"][b, n], dim=0)
+                               for b in range(2) for n in range(4)]).mean()
+            expect = expect + 0.5 * cos
+            assert torch.allclose(metrics["cos"], cos, atol=1e-6)
+        else:
+            assert "cos" not in metrics and "z_t" not in out
+        if stage > 1:
+            logits = disc(out["x_hat"], SampleRNG.for_step(0, 1, 2, 0, 1, "cpu"))
+            g = -logits.mean()
+            w = ae.decoder.last_layer_weight
+            rec_grad, = torch.autograd.grad(expect, w, retain_graph=True)
+            g_grad, = torch.autograd.grad(g, w, retain_graph=True)
+            lam = rec_grad.norm() / (g_grad.norm() + 1e-6)
+            assert torch.allclose(metrics["lam"], lam, rtol=1e-4)
+            expect = expect + 0.5 * lam * g
+        assert torch.allclose(loss, expect, rtol=1e-5, atol=1e-6), stage
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3, 4])
 def test_ae_each_stage_overfits_a_fixed_batch(tmp_path, stage):
     args = _ae_args(tmp_path, stage, "--num-images", "4", "--max-steps", "12", "--lr", "1e-3", "--from-scratch")
@@ -2974,62 +3033,130 @@ def test_ae_each_stage_overfits_a_fixed_batch(tmp_path, stage):
         assert cos[-1] < 0.8 * cos[0], cos
 
 
-def test_ae_stages_chain_and_train_exactly_their_parts(tmp_path):
+@pytest.mark.slow
+def test_ae_stages_chain_train_exactly_their_parts_and_see_raw_z_s(tmp_path, monkeypatch):
+    """Stages 1-4 chained, 2 steps each: the stem trains in stages 1-2 only, the discriminator's heads in 2-4, the
+    ViTs never; the optimizers carry the stage's betas; the logged terms are the stage's. In every step the decoder
+    reads the encoder's z_S bit for bit, and in stage 4 z_S + σ·ε with σ ~ U(0, 0.8) drawn per sample."""
+    seen = {"z": [], "decoder_in": []}
+
+    def hook(module, args, output=None):
+        if module.training and isinstance(module, DinoSAEEncoder) and output is not None:
+            seen["z"].append(output["z"].detach().clone())
+        elif module.training and isinstance(module, DCAEDecoder) and output is None:
+            seen["decoder_in"].append(args[0].detach().clone())
+
+    handles = [torch.nn.modules.module.register_module_forward_hook(hook),
+               torch.nn.modules.module.register_module_forward_pre_hook(hook)]
     vit_file = tmp_path / "weights" / "tiny_dinov3_dino.pth"
-    previous = None
-    for stage in (1, 2, 3, 4):
-        ae, disc = train_ae.main(_ae_args(tmp_path, stage, "--max-steps", "2"))
-        frozen = load_dinov3(str(vit_file)).state_dict()
-        assert all(torch.equal(v, frozen[k]) for k, v in ae.encoder.vit.state_dict().items())
-        ckpt = _ae_latest(tmp_path, stage)
-        assert ckpt["stage"] == stage and ckpt["progress"]["step"] == 2
-        if previous is not None:
-            assert not _ae_same(ckpt["decoder"], previous["decoder"])
-            assert _ae_same(ckpt["stem"], previous["stem"]) == (stage >= 3)
-            if stage >= 3:
-                assert not _ae_same(ckpt["disc"], previous["disc"])
-        if disc is not None:
-            disc_vit = load_dinov3(str(tmp_path / "weights" / "tiny_dinov3_disc.pth")).state_dict()
-            assert all(torch.equal(v, disc_vit[k]) for k, v in disc.feature_net.state_dict().items())
-        previous = ckpt
+    previous, terms = None, {1: {"cos"}, 2: {"cos", "g", "lam", "d_loss"}, 3: {"g", "lam", "d_loss"},
+                             4: {"g", "lam", "d_loss"}}
+    try:
+        for stage in (1, 2, 3, 4):
+            for key in seen:
+                seen[key].clear()
+            result = train_ae.main(_ae_args(tmp_path, stage, "--max-steps", "2"))
+            assert len(seen["z"]) == len(seen["decoder_in"]) == 2
+            for step, (z, dec) in enumerate(zip(seen["z"], seen["decoder_in"]), start=1):
+                if stage < 4:
+                    assert torch.equal(dec, z)
+                else:  # the stage's SampleRNG: each sample's first draws are its σ/0.8 and then its ε
+                    rng = SampleRNG.for_step(0, step, 4, 0, 1, "cpu")
+                    sigma, eps = rng.rand(1, 1, 1) * 0.8, rng.randn(*z.shape[1:])
+                    assert torch.equal(dec, z + sigma * eps) and (sigma > 0).all() and (sigma < 0.8).all()
+                    assert len(set(sigma.flatten().tolist())) == 4
+            frozen = load_dinov3(str(vit_file)).state_dict()
+            assert all(torch.equal(v, frozen[k]) for k, v in result.ae.encoder.vit.state_dict().items())
+            ckpt = _ae_latest(tmp_path, stage)
+            assert ckpt["stage"] == stage and ckpt["progress"]["step"] == 2
+            assert {g["betas"] for g in ckpt["opt"]["param_groups"]} == {train_ae.STAGES[stage]["betas"]}
+            assert set(_ae_metrics(tmp_path, stage)[-1]) >= {"l1", "lpips", "loss"} | terms[stage]
+            assert not (set(_ae_metrics(tmp_path, stage)[-1]) & ({"cos", "g", "lam", "d_loss"} - terms[stage]))
+            if previous is not None:
+                assert not _ae_same(ckpt["decoder"], previous["decoder"])
+                assert _ae_same(ckpt["stem"], previous["stem"]) == (stage >= 3)
+                if stage >= 3:
+                    assert not _ae_same(ckpt["disc"], previous["disc"])
+            if result.disc is not None:
+                disc_vit = load_dinov3(str(tmp_path / "weights" / "tiny_dinov3_disc.pth")).state_dict()
+                assert all(torch.equal(v, disc_vit[k]) for k, v in result.disc.feature_net.state_dict().items())
+            previous = ckpt
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _ae_rho_by_hand(ckpt, epochs):
+    """Mean token norm of z_S over the flipped training images of the given epochs, computed here from the data."""
+    args = train_ae.parse_args(_ae_args("unused", 3, "--num-images", "4"))
+    dataset = train_ae.build_dataset(args)
+    ae, _ = train_ae.load_autoencoder(ckpt)
+    norms = []
+    for epoch in epochs:
+        dataset.epoch = epoch
+        x = torch.stack([dataset[i][0] for i in range(4)])
+        with torch.no_grad():
+            norms.append(ae.encoder(x)["z_s"].norm(dim=-1).flatten())
+    return torch.cat(norms).double().mean().item()
+
+
+@pytest.mark.slow
+def test_ae_rho_is_the_mean_token_norm_and_survives_checkpoints_and_resume(tmp_path):
+    """ρ of stage 3 (frozen encoder; 4 images, global batch 4: one step per epoch) equals the mean of ‖z_S‖ over the
+    tokens of the images the steps saw, with their flips; in the log, the checkpoint and after a resume alike."""
+    common = ("--num-images", "4", "--from-scratch", "--init", str(tmp_path / "none"))
+    train_ae.main(_ae_args(tmp_path / "straight", 3, "--max-steps", "3", *common))
+    train_ae.main(_ae_args(tmp_path / "resumed", 3, "--max-steps", "1", *common))
+    train_ae.main(_ae_args(tmp_path / "resumed", 3, "--max-steps", "3", *common))
+    straight, resumed = _ae_latest(tmp_path / "straight", 3), _ae_latest(tmp_path / "resumed", 3)
+    ckpt = str(tmp_path / "straight" / "stage3")
+    expected = _ae_rho_by_hand(ckpt, epochs=(0, 1, 2))
+    assert straight["rho"] == pytest.approx(expected, rel=1e-6) and straight["rho"] == resumed["rho"]
+    assert _ae_metrics(tmp_path / "straight", 3)[-1]["rho"] == straight["rho"]
+    assert train_ae.load_autoencoder(ckpt)[0].rho == straight["rho"]
+    first = _ae_metrics(tmp_path / "straight", 3)[0]["rho"]
+    assert first == pytest.approx(_ae_rho_by_hand(ckpt, epochs=(0,)), rel=1e-6) and first != straight["rho"]
+
+
+def test_ae_grad_accum_equals_the_full_batch_step(tmp_path):
+    """--grad-accum 4 on a stage-1 batch of 8 takes the optimizer step of the full batch when the decoder's
+    BatchNorms are in eval mode (in training mode they would see micro-batch statistics, as the README says)."""
+    x = torch.rand(8, 3, 32, 32) * 2 - 1
+    results = []
+    for accum in (1, 4):
+        ae, lpips, _ = _ae_parts()
+        for m in ae.decoder.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        opt = torch.optim.AdamW([p for p in ae.parameters() if p.requires_grad], lr=1e-3)
+        args = _run_args(grad_accum=accum, precision="fp32")
+        run = tu.Run(str(tmp_path / str(accum)), args, torch.device("cpu"))
+        run.preempt = PreemptionHandler()
+        try:
+            train_ae.train_step(ae, None, lpips, opt, None, x, SampleRNG.for_step(0, 1, 8, 0, 1, "cpu"),
+                                train_ae.STAGES[1], args, run)
+        finally:
+            run.preempt.restore()
+        results.append(([p.grad.clone() for p in ae.parameters() if p.grad is not None],
+                        [p.detach().clone() for p in ae.parameters()], run.interval["loss"][0]))
+    (grads_a, params_a, loss_a), (grads_b, params_b, loss_b) = results
+    assert len(grads_a) == len(grads_b) > 0 and loss_a == pytest.approx(loss_b, rel=1e-6)
+    for a, b in zip(grads_a, grads_b):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    for a, b in zip(params_a, params_b):  # AdamW's lr·g/(|g| + 1e-8) turns fp noise on |g| ≈ 1e-8 into ~1e-6
+        assert torch.allclose(a, b, rtol=0, atol=1e-5)
 
 
 def test_ae_stage_refuses_to_start_without_previous_stage(tmp_path):
-    with pytest.raises(FileNotFoundError, match="stage-2 checkpoint"):
+    with pytest.raises(tu.MissingFileError, match="stage-2 checkpoint"):
         train_ae.main(_ae_args(tmp_path, 3, "--max-steps", "1"))
     train_ae.main(_ae_args(tmp_path, 1, "--max-steps", "1"))
-    with pytest.raises(ValueError, match="stage-1 checkpoint; stage 3 needs stage 2"):
+    with pytest.raises(tu.DataError, match="stage-1 checkpoint; stage 3 needs stage 2"):
         train_ae.main(_ae_args(tmp_path, 3, "--max-steps", "1", "--init", str(tmp_path / "stage1")))
+    assert not (tmp_path / "stage3").exists()
 
 
-def test_ae_stage4_noise_per_sample_and_off_in_eval():
-    assert train_ae.STAGES[4]["noise_tau"] == 0.8
-    torch.manual_seed(0)
-    z = torch.zeros(2000, 16, 8, 8)
-    sigma = train_ae.add_latent_noise(z, 0.8).flatten(1).std(dim=1)
-    assert sigma.max() < 0.8 * 1.1 and sigma.min() < 0.05 and sigma.max() > 0.75
-    assert abs(sigma.mean().item() - 0.4) < 0.03
-    ae, _ = train_ae.load_autoencoder(str(_ae_tiny_checkpoint()))
-    x = torch.rand(2, 3, 64, 64) * 2 - 1
-    with torch.no_grad():
-        assert torch.equal(ae(x, noise_tau=0.8)["x_hat"], ae(x)["x_hat"])
-        ae.train()
-        assert not torch.equal(ae(x, noise_tau=0.8)["x_hat"], ae(x)["x_hat"])
-
-
-_AE_TINY = {}
-
-
-def _ae_tiny_checkpoint():
-    """One tiny stage-1 checkpoint shared by the tests that only need a trained-looking autoencoder."""
-    if "path" not in _AE_TINY:
-        import tempfile
-        out = tempfile.mkdtemp()
-        train_ae.main(_ae_args(out, 1, "--max-steps", "1"))
-        _AE_TINY["path"] = os.path.join(out, "stage1")
-    return _AE_TINY["path"]
-
-
+@pytest.mark.slow
 def test_ae_exact_resume_bit_identical(tmp_path):
     """Stage 2 (GAN, DiffAugment randomness, flips, 2 epochs): 4 steps straight == 2 + resume + 2."""
     common = ["--from-scratch", "--precision", "fp32"]
@@ -3037,23 +3164,24 @@ def test_ae_exact_resume_bit_identical(tmp_path):
     train_ae.main(_ae_args(tmp_path / "b", 2, "--max-steps", "2", *common))
     train_ae.main(_ae_args(tmp_path / "b", 2, "--max-steps", "4", *common))
     a, b = _ae_latest(tmp_path / "a", 2), _ae_latest(tmp_path / "b", 2)
-    assert b["progress"] == a["progress"]
+    assert b["progress"] == a["progress"] and b["rho"] == a["rho"]
     for part in ("stem", "decoder", "disc"):
         assert all(torch.equal(v, b[part][k]) for k, v in a[part].items()), part
     assert all(torch.equal(v, b["opt"]["state"][0]["exp_avg"]) for v in [a["opt"]["state"][0]["exp_avg"]])
 
 
+@pytest.mark.slow
 def test_ae_truncated_latest_checkpoint_falls_back(tmp_path):
     train_ae.main(_ae_args(tmp_path, 1, "--max-steps", "4", "--ckpt-every", "2"))
     newest = tmp_path / "stage1" / "ckpt_0000004.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     with pytest.warns(UserWarning, match="ckpt_0000004.pt is unreadable"):
         train_ae.main(_ae_args(tmp_path, 1, "--max-steps", "6", "--ckpt-every", "2"))
-    steps = [m["step"] for m in _ae_metrics(tmp_path, 1)]
-    assert steps == [1, 2, 3, 4, 3, 4, 5, 6]  # resumed from step 2
+    assert [m["step"] for m in _ae_metrics(tmp_path, 1)] == [1, 2, 3, 4, 5, 6]  # 3-4 re-run, logged once
     assert _ae_latest(tmp_path, 1)["progress"]["step"] == 6
 
 
+@pytest.mark.slow
 def test_ae_sigterm_checkpoints_and_resumes(tmp_path):
     args = _ae_args(tmp_path, 1, "--max-steps", "1000")
     proc = subprocess.Popen([sys.executable, "train_ae.py"] + args, cwd=REPO, env=_ae_env(),
@@ -3086,40 +3214,157 @@ def test_ae_corrupt_image_is_skipped_and_counted(tmp_path):
 def test_ae_missing_or_empty_data_fails_before_models(tmp_path):
     (tmp_path / "empty").mkdir()
     for folder in (tmp_path / "empty", tmp_path / "missing"):
-        with pytest.raises(FileNotFoundError):
+        with pytest.raises(tu.MissingFileError):
             train_ae.main(_ae_args(tmp_path / "run", 1, "--data", str(folder)))
-    assert not (tmp_path / "run" / "weights").exists()
+    assert not (tmp_path / "run").exists()
 
 
-def test_ae_two_gloo_ranks_equal_one_process(tmp_path):
-    """DDP over 2 gloo ranks (torchrun) computes the gradient of one process on the same global batch (the decoder's
-    BatchNorms use global statistics) and keeps both ranks identical. Parameters are compared through the first
-    step's gradients: AdamW's first update is sign-like, so fp noise on near-zero gradients (e.g. conv biases in front
-    of GroupNorm) moves single elements by up to 2·lr."""
-    args = lambda out: _ae_args(out, 1, "--max-steps", "3", "--lr", "1e-3")
-    (r0, r1), _ = _ae_run(args(tmp_path / "ddp"), tmp_path, nproc=2, GRAD_DUMP=str(tmp_path / "grads_ddp"))
-    _ae_run(args(tmp_path / "single"), tmp_path, nproc=1, GRAD_DUMP=str(tmp_path / "grads_single"))
+@pytest.mark.slow
+def test_ae_gan_stage_on_two_gloo_ranks_equals_one_process(tmp_path):
+    """Stage 2 under DDP over 2 gloo ranks (torchrun) takes the steps of one process on the same global batch: the
+    decoder's BatchNorms use global statistics, λ the rank-averaged gradients, and every random number (DiffAugment)
+    belongs to a sample, not to a rank. Both optimizers' first gradients agree; so do the weights after 2 steps."""
+    args = lambda out: _ae_args(out, 2, "--max-steps", "2", "--lr", "1e-3", "--from-scratch")
+    (r0, r1), _ = _launch("ae", args(tmp_path / "ddp"), tmp_path, nproc=2, GRAD_DUMP=str(tmp_path / "grads_ddp"))
+    (single,), _ = _launch("ae", args(tmp_path / "single"), tmp_path, GRAD_DUMP=str(tmp_path / "grads_single"))
     assert _ae_same(r0, r1)
-    g0, g1 = torch.load(tmp_path / "grads_ddp0"), torch.load(tmp_path / "grads_ddp1")
-    single = torch.load(tmp_path / "grads_single0")
-    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
-    for i, (a, b) in enumerate(zip(g0, single)):
-        # Forward passes agree to 2e-7 and the decoder's input gradient to 5e-7; that fp32 noise grows to ~1e-3 in
-        # some tensors: the sphere projection z = R·z_S/‖z_S‖ removes the radial part of dL/dz, which dominates at
-        # init, and L1 / ReLU kinks flip. A real desync (per-rank BatchNorm statistics, different data or LPIPS
-        # weights per rank) gives errors of 1e-1 and more.
-        assert (a - b).norm() <= 5e-3 * b.norm() + 1e-9, (i, (a - b).norm() / b.norm())
-    # stage 3 resumes from stage 2 under torchrun as well
-    train_ae.main(_ae_args(tmp_path / "ddp", 2, "--max-steps", "1"))
-    _ae_run(_ae_args(tmp_path / "ddp", 3, "--max-steps", "1"), tmp_path, nproc=2)
+    # Tolerances: fp32 noise (summation order) in the generator's gradients; the discriminator judges fakes quantised
+    # to 8 bits, where that noise can flip a pixel by a level, so its gradients agree less tightly. Conv biases in
+    # front of the per-sample norms have a zero gradient up to noise (~1e-8): left out. A real desync (per-rank
+    # BatchNorm statistics or augmentation) is off by 10% and more.
+    for optimizer, rtol in (("1", 1e-3), ("2", 5e-2)):  # the generator's, then the discriminator's
+        ddp = torch.load(tmp_path / f"grads_ddp0_{optimizer}")
+        assert all(torch.equal(a, b) for a, b in zip(ddp, torch.load(tmp_path / f"grads_ddp1_{optimizer}")))
+        for i, (a, b) in enumerate(zip(ddp, torch.load(tmp_path / f"grads_single0_{optimizer}"))):
+            if b.norm() > 1e-6:
+                assert (a - b).norm() <= rtol * b.norm(), (optimizer, i, ((a - b).norm() / b.norm()).item())
+    assert _ae_same(r0, single, atol=4e-3)  # AdamW: 2 steps of at most lr = 1e-3 each where |g| is fp noise
+    # stage 3 continues from stage 2 under torchrun as well
+    _launch("ae", _ae_args(tmp_path / "ddp", 3, "--max-steps", "1"), tmp_path, nproc=2)
     assert _ae_latest(tmp_path / "ddp", 3)["progress"]["step"] == 1
 
 
+@pytest.mark.slow
+def test_dit_two_gloo_ranks_with_grad_accum_equal_one_process(tiny_ae, tmp_path):
+    """--grad-accum 2 on 2 gloo ranks (4 micro-batches of 2) is the step of one process on the global batch of 8."""
+    args = lambda out: ["--preset", "tiny", "--ae", tiny_ae, "--out", str(out), "--num-images", "8",
+                        "--global-batch", "8", "--max-steps", "2", "--log-every", "1"]
+    (r0, r1), _ = _launch("dit", args(tmp_path / "ddp") + ["--grad-accum", "2"], tmp_path, nproc=2,
+                          GRAD_DUMP=str(tmp_path / "grads_ddp"))
+    (single,), _ = _launch("dit", args(tmp_path / "single"), tmp_path, GRAD_DUMP=str(tmp_path / "grads_single"))
+    assert _ae_same(r0, r1)
+    ddp, one = torch.load(tmp_path / "grads_ddp0_1"), torch.load(tmp_path / "grads_single0_1")
+    for a, b in zip(ddp, one):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert _ae_same(r0, single, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_ae_nan_step_skipped_identically_on_two_ranks(tmp_path):
-    (r0, r1), _ = _ae_run(_ae_args(tmp_path / "run", 1, "--max-steps", "3"), tmp_path, nproc=2, NAN_STEP="2")
+    (r0, r1), _ = _launch("ae", _ae_args(tmp_path / "run", 1, "--max-steps", "3"), tmp_path, nproc=2, NAN_STEP="2")
     assert _ae_same(r0, r1)
     metrics = _ae_metrics(tmp_path / "run", 1)
     assert [m["nonfinite_steps"] for m in metrics] == [0, 1, 1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What bad input gets: one line on stderr, the right exit status, no run folder
+
+def _refused(capsys, main, argv):
+    """Run an entry point as its script does -> (exit status, the one line on stderr)."""
+    with pytest.raises(SystemExit) as info:
+        tu.cli(lambda: main(argv))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("\n") and "Traceback" not in err, err
+    return info.value.code, err
+
+
+def test_refused_flags_are_one_line_before_any_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    for argv in (["--epochs", "0"], ["--epochs", "-2"], ["--grad-accum", "0"], ["--max-steps", "0"]):
+        code, err = _refused(capsys, train_ae.main, ["--stage", "1", "--preset", "tiny", "--out", str(out), *argv])
+        assert code == 2 and f"{argv[0]} must be at least 1, got {argv[1]}" in err
+        code, err = _refused(capsys, train_dit.main, ["--preset", "tiny", "--out", str(out), *argv])
+        assert code == 2 and argv[0] in err
+    code, err = _refused(capsys, train_ae.main, ["--stage", "1", "--data", str(tmp_path), "--epochs", "0"])
+    assert code == 2 and "--epochs" in err  # the full preset too
+    code, err = _refused(capsys, train_ae.main, ["--stage", "5"])
+    assert code == 2 and "--stage" in err
+    code, err = _refused(capsys, train_ae.main, ["--stage", "1", "--preset", "tiny", "--global-batch", "6",
+                                                 "--grad-accum", "4", "--out", str(out)])
+    assert code == 2 and "--global-batch 6 must be a multiple of ranks × --grad-accum = 1 × 4" in err
+    for argv, flag in ((["--cfg-scale", "-1"], "--cfg-scale"), (["--steps", "0"], "--steps"),
+                       (["--num-samples", "0"], "--num-samples"), (["--cfg-interval", "0.8", "0.2"], "--cfg-interval")):
+        code, err = _refused(capsys, sample.main, ["--dit", str(tmp_path / "no_dit"), *argv])
+        assert code == 2 and flag in err  # the flag, not the missing checkpoint: checked first
+    assert not out.exists() and not (tmp_path / "weights").exists()
+
+
+def test_tiny_preset_prints_the_defaults_it_changes(tmp_path, capsys):
+    train_ae.parse_args(["--stage", "1", "--preset", "tiny", "--out", str(tmp_path)])
+    line = capsys.readouterr().out
+    assert "tiny preset:" in line and "--lr 0.0005" in line and "--global-batch 8" in line and "--max-steps 40" in line
+    args = train_ae.parse_args(["--stage", "1", "--preset", "tiny", "--epochs", "2", "--out", str(tmp_path)])
+    assert args.max_steps is None and args.epochs == 2  # --epochs is not overridden by the preset's length
+
+
+def test_wrong_or_unreadable_dinov3_files_are_one_line_naming_the_flag(tmp_path, capsys):
+    images = tmp_path / "images" / "c0"
+    images.mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(images / f"{i}.png")
+    tiny = tmp_path / "tiny_vit.pth"
+    torch.save(_model_tiny_vit().state_dict(), tiny)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(np.random.default_rng(0).bytes(3000))
+    common = ["--stage", "1", "--data", str(tmp_path / "images"), "--global-batch", "2", "--out", str(tmp_path / "run")]
+    code, err = _refused(capsys, train_ae.main, common + ["--dino-weights", str(tiny)])
+    assert code == 1 and f"--dino-weights: {tiny} holds a ViT of width 128, depth 2, 2 heads, not vitl16" in err
+    code, err = _refused(capsys, train_ae.main, common + ["--dino-weights", str(garbage)])
+    assert code == 1 and "--dino-weights" in err and str(garbage) in err and "not a DINOv3 checkpoint" in err
+    code, err = _refused(capsys, train_ae.main, common + ["--dino-weights", str(tmp_path / "absent.pth")])
+    assert code == 1 and "absent.pth" in err and "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth" in err
+    code, err = _refused(capsys, lambda argv: train_ae.load_vit(str(tiny), "vits16", "--disc-weights"), [])
+    assert code == 1 and f"--disc-weights: {tiny} holds a ViT of width 128" in err and "not vits16" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_dit_on_an_autoencoder_before_stage_4_warns_in_one_line(tiny_ae, tmp_path, capsys):
+    state = torch.load(tiny_ae, weights_only=True)
+    state["stage"] = 3
+    early = tmp_path / "stage3" / "ckpt_0000000.pt"
+    early.parent.mkdir()
+    torch.save(state, early)
+    _gen_train(str(early), tmp_path / "dit", "--max-steps", "1")
+    warnings_printed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings_printed) == 1 and "stage-3 autoencoder" in warnings_printed[0]
+
+
+@pytest.mark.slow
+def test_scripts_turn_user_errors_into_one_line_and_exit_status(tmp_path):
+    proc = subprocess.run([sys.executable, "train_ae.py", "--stage", "1", "--preset", "tiny", "--epochs", "0",
+                           "--out", str(tmp_path / "run")], cwd=REPO, env=_ae_env(), capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr == "train_ae.py: error: --epochs must be at least 1, got 0\n"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_demo_stops_within_a_step_of_sigterm(tmp_path):
+    proc = subprocess.Popen([sys.executable, "demo.py", "--out", str(tmp_path / "demo")], cwd=REPO, env=_ae_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "demo" / "ae" / "stage1" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not metrics.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and time.time() - t0 < 15, err[-2000:]
+    assert "demo.py: stopped by SIGTERM" in err
+    step = _ae_latest(tmp_path / "demo" / "ae", 1)["progress"]["step"]
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert logged[-1] <= step <= logged[-1] + 10  # the step in flight finished, then its checkpoint
+    assert not (tmp_path / "demo" / "ae" / "stage2").exists()
 
 
 _BENCH_FIELDS = {"batch", "images_per_s", "seconds_per_iter", "gflop_per_image", "gflops_achieved", "fraction_of_peak",
