@@ -946,7 +946,7 @@ def positive_int(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tu.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--memory", action="store_true",
                       help="memory model of the training steps (fake tensors on the CPU; prints a Markdown table)")
@@ -1012,4 +1012,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    tu.cli(main)
