@@ -207,7 +207,7 @@ def test_loader_errors(tmp_path):
 
 # ---- forward semantics of the official DINOv3 ViT ----
 
-def test_vit_matches_spec_reference_non_square():
+def test_vit_matches_a_written_out_reference_non_square():
     vit = _model_tiny_vit()
     x = torch.randn(2, 3, 32, 48)
     out = vit.forward_features(x)
@@ -650,7 +650,7 @@ def test_dit_output_shape_and_exactly_zero_at_init(kind):
 
 
 @pytest.mark.parametrize("kind", ["lightning", "dh"])
-def test_dit_forward_matches_spec_formula(kind):
+def test_dit_forward_matches_a_written_out_reference(kind):
     model = _dit_tiny(kind, perturb=True)
     x, t, y = _dit_inputs()
     with torch.no_grad():
@@ -2732,13 +2732,14 @@ def test_dit_grad_accum_equals_the_full_batch_step(tiny_ae, tmp_path):
     assert not all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(grads_full, grads_other))
 
 
-def test_dit_resume_bit_identical_and_sigterm_checkpoint(tiny_ae, tmp_path, monkeypatch):
-    # DiT^DH: lr warm-up (1 epoch = 3 steps in the tiny preset) and grad clipping are part of the resumed state.
-    common = ("--model", "DiTDH-XL/1", "--max-steps", "6")
+def test_dit_resume_bit_identical_and_sigterm_mid_accumulation_window(tiny_ae, tmp_path, monkeypatch):
+    # DiT^DH: lr warm-up (1 epoch = 3 steps in the tiny preset) and grad clipping are part of the resumed state;
+    # two micro-batches per step, and the signal arrives between them.
+    common = ("--model", "DiTDH-XL/1", "--max-steps", "6", "--grad-accum", "2")
     straight = _gen_weights(_gen_train(tiny_ae, tmp_path / "straight", *common))
 
     halves = tmp_path / "halves"
-    _gen_train(tiny_ae, halves, "--model", "DiTDH-XL/1", "--max-steps", "4", "--ckpt-every", "2")  # mid-epoch
+    _gen_train(tiny_ae, halves, *common[:2], "--max-steps", "4", "--grad-accum", "2", "--ckpt-every", "2")  # mid-epoch
     newest = halves / "ckpt_0000004.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a crash while writing, say
     with pytest.warns(UserWarning, match="ckpt_0000004.pt is unreadable"):
@@ -2748,14 +2749,14 @@ def test_dit_resume_bit_identical_and_sigterm_checkpoint(tiny_ae, tmp_path, monk
 
     def loss_then_signal(*a, **k):
         calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step: the step finishes, then checkpoint and return
+        if len(calls) == 3:  # the first micro-batch of step 2: its window completes, then checkpoint and return
+            os.kill(os.getpid(), signal.SIGTERM)
         return real_loss(*a, **k)
 
     monkeypatch.setattr(train_dit, "flow_matching_loss", loss_then_signal)
     stopped = _gen_train(tiny_ae, tmp_path / "preempted", *common)
     monkeypatch.setattr(train_dit, "flow_matching_loss", real_loss)
-    assert stopped.stopped == signal.SIGTERM and len(calls) == 2
+    assert stopped.stopped == signal.SIGTERM and len(calls) == 4
     assert sorted(f for f in os.listdir(tmp_path / "preempted") if f.startswith("ckpt")) == ["ckpt_0000002.pt"]
     after_signal = _gen_weights(_gen_train(tiny_ae, tmp_path / "preempted", *common))
 
