@@ -237,7 +237,7 @@ def train(args):
         load_weights(ae, disc, start)
     if state is not None:
         load_optimizers(opt, opt_d, state, stage)
-    tu.seed_for_rank(args.seed, rank, world, state)  # DiffAugment and latent noise differ per rank
+    tu.seed_for_rank(args.seed, rank, world, state)
     if args.compile:  # in place: parameter names and checkpoints stay the same
         for module in [ae.decoder, ae.encoder.stem, *ae.encoder.vit.blocks]:
             module.compile()

@@ -146,7 +146,7 @@ def train(args):
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
-    tu.seed_for_rank(args.seed, rank, world, state)  # label dropout, t and noise differ per rank
+    tu.seed_for_rank(args.seed, rank, world, state)
     if args.compile:  # in place: parameter names and checkpoints stay the same
         model.compile()
     model_ddp = tu.ddp(model, device)

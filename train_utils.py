@@ -563,8 +563,9 @@ class SampleRNG:
 
 
 def seed_for_rank(seed, rank, world_size, state=None):
-    """Per-rank random streams (augmentation, latent noise, label dropout, t): seeded by rank, or, when resuming,
-    restored from the checkpoint so that the resumed run draws exactly what an uninterrupted one would."""
+    """The global random streams, seeded by rank or, when resuming, restored from the checkpoint. A training step's
+    own draws come from SampleRNG; these streams serve whatever else draws (e.g. a dropout a user adds), so that a
+    resumed run still draws exactly what an uninterrupted one would."""
     seed_everything(seed + rank)
     if state is not None:
         restore_rng_states(state["rng"], rank, world_size)
