@@ -82,6 +82,30 @@ def _model_to_hf(state):
     return hf
 
 
+def _model_hf_skeleton(dim, depth, heads, registers=4):
+    """The module tree of Hugging Face's DINOv3ViTModel (transformers' modeling_dinov3_vit.py: attribute names, which
+    Linear has a bias; key_bias False as in the released configs): its state_dict keys are the layout's keys as
+    torch writes them for a saved model, independent of any renaming table."""
+    def module(**children):
+        m = nn.Module()
+        for name, child in children.items():
+            setattr(m, name, child)
+        return m
+
+    def param(*shape):
+        return nn.Parameter(torch.zeros(*shape))
+
+    embeddings = module(cls_token=param(1, 1, dim), mask_token=param(1, 1, dim), register_tokens=param(1, registers, dim),
+                        patch_embeddings=nn.Conv2d(3, dim, 16, 16))
+    layers = nn.ModuleList(module(
+        norm1=nn.LayerNorm(dim), norm2=nn.LayerNorm(dim),
+        attention=module(q_proj=nn.Linear(dim, dim), k_proj=nn.Linear(dim, dim, bias=False),
+                         v_proj=nn.Linear(dim, dim), o_proj=nn.Linear(dim, dim)),
+        layer_scale1=module(lambda1=param(dim)), layer_scale2=module(lambda1=param(dim)),
+        mlp=module(up_proj=nn.Linear(dim, 4 * dim), down_proj=nn.Linear(4 * dim, dim))) for _ in range(depth))
+    return module(embeddings=embeddings, layer=layers, norm=nn.LayerNorm(dim))
+
+
 def _model_write_safetensors(state, path):
     """A safetensors file as the format defines it: u64 little-endian header length, JSON header (dtype, shape, byte
     offsets), raw little-endian tensor bytes."""
@@ -163,7 +187,10 @@ def test_official_and_hf_layouts_give_same_outputs(tmp_path):
     assert state["rope_embed.periods"].equal(state["rope_embed.periods"].bfloat16().float())
     assert state["blocks.0.attn.qkv.bias"][128:256].abs().sum() > 0  # k bias stored but masked
     torch.save(state, tmp_path / "official.pth")
-    _model_write_safetensors(_model_to_hf(state), tmp_path / "model.safetensors")
+    hf = _model_to_hf(state)
+    skeleton = _model_hf_skeleton(vit.embed_dim, len(vit.blocks), vit.num_heads).state_dict()
+    assert {k: v.shape for k, v in hf.items()} == {k: v.shape for k, v in skeleton.items()}
+    _model_write_safetensors(hf, tmp_path / "model.safetensors")
     x = torch.randn(2, 3, 32, 48)
     ref = vit.forward_features(x)
     for source in (tmp_path / "official.pth", tmp_path / "model.safetensors", str(tmp_path / "model.safetensors"),
