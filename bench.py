@@ -938,13 +938,6 @@ def log(message):
     print(message, file=sys.stderr, flush=True)
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def parse_args(argv=None):
     p = tu.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
@@ -960,19 +953,19 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="autocast dtype of the models (default bf16 on CUDA, fp32 on CPU as the tiny presets train)")
-    p.add_argument("--batch", type=positive_int, default=None,
+    p.add_argument("--batch", type=tu.positive_int, default=None,
                    help=f"images per step (throughput default 1 on CPU, {CUDA_BATCH} on CUDA; --gpu-check: the batch "
                         "to start from, default the paper's per-GPU batch)")
-    p.add_argument("--iters", type=positive_int, default=None, help="timed iterations (default 10 CUDA (5 in "
+    p.add_argument("--iters", type=tu.positive_int, default=None, help="timed iterations (default 10 CUDA (5 in "
                                                                    "--gpu-check), 1 CPU)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed iterations after the FLOP-counting one (default 3 CUDA (2 in --gpu-check), 0 CPU, "
                         "1 with --compile)")
     p.add_argument("--compile", action="store_true", help="torch.compile the hot modules (ViT blocks, decoder, DiT)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mem-batches", type=positive_int, nargs="+", default=[1, 2, 4],
+    p.add_argument("--mem-batches", type=tu.positive_int, nargs="+", default=[1, 2, 4],
                    help="--memory: batch sizes the line is fitted through")
-    p.add_argument("--capacities", type=positive_int, nargs="+", default=[24, 40, 80, 141],
+    p.add_argument("--capacities", type=tu.positive_int, nargs="+", default=[24, 40, 80, 141],
                    help="--memory: GPU memories (GB, taken as the GiB the driver reports) of the max-batch columns")
     p.add_argument("--budget-s", type=float, default=450, help="--gpu-check: wall-clock budget of the whole check")
     p.add_argument("--variants", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"],

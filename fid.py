@@ -757,13 +757,6 @@ def main(argv=None):
     return results
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def parse_args(argv=None):
     p = tu.ArgumentParser(description="FID, sFID, IS, precision/recall (+ PSNR, SSIM, LPIPS with --paired)")
     p.add_argument("samples", help="npz with arr_0 uint8 [N,H,W,3] (samples or reconstructions), N >= 10")
@@ -783,7 +776,7 @@ def parse_args(argv=None):
                    help="neither read nor write the cached statistics of REF (see the module docstring)")
     p.add_argument("--preprocess", choices=list(PREPROCESS), default="adm",
                    help="adm: TF1 bilinear resize, (x-128)/128 (default); pytorch-fid: its conventions")
-    p.add_argument("--batch-size", type=positive_int, default=50)
+    p.add_argument("--batch-size", type=tu.positive_int, default=50)
     args = p.parse_args(argv)
     if args.random_inception and args.inception:
         p.error("--inception and --random-inception exclude each other")

@@ -65,6 +65,14 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def cli(main):
     """Run an entry script's main(): a UserError becomes one line on stderr (rank 0 only under torchrun) and exit
     status 2 (usage) or 1 (files, data); any other exception is a bug or an accident and keeps its traceback."""
