@@ -216,7 +216,7 @@ def parameters(optimizer):
 
 def train(args):
     stage = dict(STAGES[args.stage], lr=args.lr or STAGES[args.stage]["lr"])
-    rank, world, device = tu.setup_distributed()
+    _, world, device = tu.setup_distributed()
     out_dir = os.path.join(args.out, f"stage{args.stage}")
     run = tu.Run(out_dir, args, device)
     dataset = build_dataset(args)  # a missing or empty folder fails before any model is built
@@ -237,7 +237,6 @@ def train(args):
         load_weights(ae, disc, start)
     if state is not None:
         load_optimizers(opt, opt_d, state, stage)
-    tu.seed_for_rank(args.seed, rank, world, state)
     if args.compile:  # in place: parameter names and checkpoints stay the same
         for module in [ae.decoder, ae.encoder.stem, *ae.encoder.vit.blocks]:
             module.compile()

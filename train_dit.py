@@ -127,7 +127,7 @@ def train_step(model_ddp, ema, opt, ae, x, y, rng, lr, alpha, args, run):
 #################################################################################
 
 def train(args):
-    rank, world, device = tu.setup_distributed()
+    _, world, device = tu.setup_distributed()
     run = tu.Run(args.out, args, device)
     dataset = build_dataset(args)  # a missing or empty folder fails before any model is built
     run.plan(len(dataset), args.global_batch, args.epochs, args.max_steps)
@@ -146,7 +146,6 @@ def train(args):
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
-    tu.seed_for_rank(args.seed, rank, world, state)
     if args.compile:  # in place: parameter names and checkpoints stay the same
         model.compile()
     model_ddp = tu.ddp(model, device)

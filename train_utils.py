@@ -496,50 +496,6 @@ def seed_everything(seed):
     np.random.seed(seed % 2**32)
 
 
-def rng_state():
-    """This process's RNG states in a weights_only-loadable form (tensors, tuples, numbers, strings)."""
-    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gaussian),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    """Restore the states captured by `rng_state` (CUDA only when both the state and this machine have it)."""
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def gather_rng_states(world_size):
-    """RNG states of all ranks, indexed by rank (every rank calls this; rank 0 stores the list)."""
-    state = rng_state()
-    if not is_distributed():
-        return [state]
-    states = [None] * world_size
-    dist.all_gather_object(states, state)
-    return states
-
-
-def restore_rng_states(states, rank, world_size):
-    """Restore this rank's entry of `gather_rng_states`. After a change of world size an exact resume is impossible:
-    keep the fresh per-rank seeding and warn."""
-    if len(states) != world_size:
-        warnings.warn(f"checkpoint holds RNG states of {len(states)} ranks, this run has {world_size}: "
-                      "RNG states not restored, the resumed run is not bit-identical to an uninterrupted one")
-        return
-    set_rng_state(states[rank])
-
-
 class SampleRNG:
     """The random numbers of one training step, drawn sample by sample: sample k of the global batch (its place in the
     sampler's order) draws from its own generator, seeded by (seed, step, k). A step then draws the same numbers
@@ -568,15 +524,6 @@ class SampleRNG:
         """Split like torch.chunk splits the batch (micro-batches)."""
         return [SampleRNG([self.generators[i] for i in part.tolist()])
                 for part in torch.arange(len(self.generators)).chunk(n)]
-
-
-def seed_for_rank(seed, rank, world_size, state=None):
-    """The global random streams, seeded by rank or, when resuming, restored from the checkpoint. A training step's
-    own draws come from SampleRNG; these streams serve whatever else draws (e.g. a dropout a user adds), so that a
-    resumed run still draws exactly what an uninterrupted one would."""
-    seed_everything(seed + rank)
-    if state is not None:
-        restore_rng_states(state["rng"], rank, world_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -797,9 +744,8 @@ class Run:
         self.last_log = (time.time(), self.step)
 
     def save(self, state):
-        rng = gather_rng_states(self.world)
         if is_main():
-            self.ckpts.save(dict(state(), progress=self.progress, rng=rng), self.step)
+            self.ckpts.save(dict(state(), progress=self.progress), self.step)
         barrier()
 
 
