@@ -1,7 +1,8 @@
 import argparse
+import contextlib
 import copy
 import functools
-import io
+import importlib
 import json
 import math
 import os
@@ -14,7 +15,6 @@ import sys
 import time
 
 import bench
-import contextlib
 import fid
 import losses
 import numpy as np
@@ -82,7 +82,7 @@ def _model_to_hf(state):
     return hf
 
 
-def _model_hf_skeleton(dim, depth, heads, registers=4):
+def _model_hf_skeleton(dim, depth, registers=4):
     """The module tree of Hugging Face's DINOv3ViTModel (transformers' modeling_dinov3_vit.py: attribute names, which
     Linear has a bias; key_bias False as in the released configs): its state_dict keys are the layout's keys as
     torch writes them for a saved model, independent of any renaming table."""
@@ -188,7 +188,7 @@ def test_official_and_hf_layouts_give_same_outputs(tmp_path):
     assert state["blocks.0.attn.qkv.bias"][128:256].abs().sum() > 0  # k bias stored but masked
     torch.save(state, tmp_path / "official.pth")
     hf = _model_to_hf(state)
-    skeleton = _model_hf_skeleton(vit.embed_dim, len(vit.blocks), vit.num_heads).state_dict()
+    skeleton = _model_hf_skeleton(vit.embed_dim, len(vit.blocks)).state_dict()
     assert {k: v.shape for k, v in hf.items()} == {k: v.shape for k, v in skeleton.items()}
     _model_write_safetensors(hf, tmp_path / "model.safetensors")
     x = torch.randn(2, 3, 32, 48)
@@ -3029,7 +3029,7 @@ def test_ae_generator_loss_terms_and_weights_by_hand():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 4])  # every loss term: alignment and GAN (2), GAN on noisy latents (4)
+@pytest.mark.parametrize("stage", [1, 2, 3, 4])
 def test_ae_each_stage_overfits_a_fixed_batch(tmp_path, stage):
     args = _ae_args(tmp_path, stage, "--num-images", "4", "--max-steps", "12", "--lr", "1e-3", "--from-scratch")
     train_ae.main(args)
@@ -3190,6 +3190,24 @@ def test_ae_truncated_latest_checkpoint_falls_back(tmp_path):
     assert _ae_latest(tmp_path, 1)["progress"]["step"] == 6
 
 
+@pytest.mark.slow
+def test_ae_sigterm_checkpoints_and_resumes(tmp_path):
+    args = _ae_args(tmp_path, 1, "--max-steps", "1000")
+    proc = subprocess.Popen([sys.executable, "train_ae.py"] + args, cwd=REPO, env=_ae_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "stage1" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    step = _ae_latest(tmp_path, 1)["progress"]["step"]
+    assert 1 <= step < 1000
+    train_ae.main(_ae_args(tmp_path, 1, "--max-steps", str(step + 2)))
+    assert _ae_latest(tmp_path, 1)["progress"]["step"] == step + 2
+
+
 def test_ae_corrupt_image_is_skipped_and_counted(tmp_path):
     data = tmp_path / "data"
     rng = np.random.default_rng(0)
@@ -3230,6 +3248,9 @@ def test_ae_gan_stage_on_two_gloo_ranks_equals_one_process(tmp_path):
             if b.norm() > 1e-6:
                 assert (a - b).norm() <= rtol * b.norm(), (optimizer, i, ((a - b).norm() / b.norm()).item())
     assert _ae_same(r0, single, atol=4e-3)  # AdamW: 2 steps of at most lr = 1e-3 each where |g| is fp noise
+    # stage 3 continues from stage 2 under torchrun as well
+    _launch("ae", _ae_args(tmp_path / "ddp", 3, "--max-steps", "1"), tmp_path, nproc=2)
+    assert _ae_latest(tmp_path / "ddp", 3)["progress"]["step"] == 1
 
 
 @pytest.mark.slow
@@ -3824,7 +3845,6 @@ def test_readme_paper_to_code_table_names_what_exists():
     table = text.split("## Paper → code")[1].split("\n## ")[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| paper")]
     assert len(rows) >= 20
-    import importlib
     for row in rows:
         code = row.split("|")[2]
         names, module = [], None
